@@ -1,0 +1,39 @@
+# Targets: install, test, smoke, bench, lint, demo.
+PYTHON        ?= python
+PIP           := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+# Prebuilt torch-scatter/torch-cluster wheels for exactly torch $(TORCH_VERSION)+cpu, when present.
+SHARED_WHEELS ?= ../shared/wheels
+# Wheels we build from source are kept here (outside the repository) so a second install takes seconds.
+WHEEL_CACHE   ?= $(HOME)/.cache/avatar-compress/wheels-torch$(TORCH_VERSION)
+FIND_LINKS    := --find-links $(WHEEL_CACHE) $(if $(wildcard $(SHARED_WHEELS)/*.whl),--find-links $(SHARED_WHEELS))
+PYTEST        ?= $(PYTHON) -m pytest
+
+.PHONY: install test unit smoke bench lint demo
+
+install:
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja "setuptools>=68" wheel
+	mkdir -p $(WHEEL_CACHE)
+	@# torch-scatter / torch-cluster are source-only on PyPI: build against the installed torch,
+	@# both cores (ninja, MAX_JOBS), reuse the prebuilt or cached wheels when they are there.
+	$(PYTHON) -c "import torch_scatter, torch_cluster" 2>/dev/null || { \
+	  MAX_JOBS=2 $(PIP) wheel --no-build-isolation --no-deps $(FIND_LINKS) -w $(WHEEL_CACHE) \
+	    "torch-scatter>=2.1.2" "torch-cluster>=1.6.3" && \
+	  $(PIP) install --no-build-isolation --no-index $(FIND_LINKS) torch-scatter torch-cluster; }
+	$(PIP) install --quiet --no-build-isolation $(FIND_LINKS) -e ".[fast,tracking,dev]" "torch==$(TORCH_VERSION)"
+
+# pytest exits 5 when it collected no test: that is a failure here, never a green run.
+unit:
+	@$(PYTEST) -q -m "not slow" tests; rc=$$?; [ $$rc -ne 5 ] || echo "no tests collected"; [ $$rc -eq 0 ]
+
+test:
+	@$(PYTEST) -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "no tests collected"; [ $$rc -eq 0 ]
+
+smoke:
+	$(PYTEST) -q tests/test_smoke_chain.py
+
+bench:
+	$(PYTHON) -m benchmarks.run_all
+
+lint:
+	$(PYTHON) -m ruff check models datamodules lightning_modules tests benchmarks

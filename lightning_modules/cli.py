@@ -1,0 +1,186 @@
+"""The ``lightning`` command: LightningCLI with run folders (DESIGN.md, "Stages and commands").
+
+Usage::
+
+    lightning fit --config experiments/teacher.yaml [--config experiments/overrides/tiny_mesh.yaml] [--key value ...]
+    lightning test --config experiments/teacher.yaml --ckpt_path runs/teacher/latest/checkpoints/last.ckpt
+    lightning fit --config experiments/teacher.yaml --run_dir runs/teacher/<run> --ckpt_path last   # resume
+    python -m lightning_modules.cli ...   # the same
+
+Model and data are chosen by ``class_path`` (subclass mode). Later ``--config`` files and flags
+override earlier ones. The run-location keys (``run_dir``, ``run_name``, ``runs_root``) are ours;
+every run gets a fresh folder (see :mod:`lightning_modules.run_folder`).
+
+A stage module declares ``stage`` (its folder under ``runs/``) and may declare ``monitor`` /
+``monitor_mode`` (the metric that selects ``best.ckpt``). Every datamodule exposes
+``expression_dim`` and ``image_size``, linked into the model's init args at instantiation.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_modules.run_folder import RUN_DIR_ENV, RunFolder, RunFolderError, point_latest, resolve_run_dir
+
+__all__ = ["AvatarCLI", "main", "stage_of"]
+
+_RUN_KEYS = ("run_dir", "run_name")
+
+
+def stage_of(class_path: str) -> str:
+    """The run-folder stage name of a LightningModule given by its ``class_path``.
+
+    The class attribute ``stage`` when set, else the class name in lower case.
+    """
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return getattr(cls, "stage", None) or class_name.lower()
+
+
+def _global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def _as_list(value: Any) -> list:
+    if value is None or value is True or value is False:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+class AvatarCLI(LightningCLI):
+    """LightningCLI with one run folder per run, CSV logging always, and dataset facts linked to the model."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", None)  # RunFolder writes config.yaml (run keys null)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        super().__init__(*args, **kwargs)
+
+    # -- parser ------------------------------------------------------------------------------
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--runs_root", type=str, default="runs", help="folder holding <stage>/<run_name>/")
+        parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: timestamp)")
+        parser.add_argument("--run_dir", type=str | None, default=None, help="exact run folder (resume: + --ckpt_path last)")
+        parser.link_arguments("data.expression_dim", "model.init_args.expression_dim", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+
+    # -- run folder ----------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        cfg = self.config[sub]
+        self.stage = stage_of(cfg.model.class_path)
+        self.runs_root = cfg.runs_root
+
+        clean = copy.deepcopy(cfg)
+        for key in _RUN_KEYS:
+            clean[key] = None
+        if cfg.get("ckpt_path") == "last":
+            clean["ckpt_path"] = None
+        config_text = self._parser(sub).dump(clean, skip_unset=False)
+
+        if _global_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+            # another rank of a run whose folder rank 0 already resolved and created
+            run_dir = Path(os.environ[RUN_DIR_ENV])
+            ckpt = cfg.get("ckpt_path")
+            ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if ckpt == "last" else ckpt
+        else:
+            try:
+                run_dir, ckpt_path = resolve_run_dir(
+                    self.stage, sub, cfg.runs_root, cfg.run_name, cfg.run_dir, cfg.get("ckpt_path")
+                )
+            except RunFolderError as err:
+                self.parser.error(str(err))
+            os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+        self.run_dir = run_dir
+        rank_zero_info(f"run folder: {run_dir}")
+        if "ckpt_path" in cfg:
+            cfg.ckpt_path = ckpt_path
+
+        trainer = cfg.trainer
+        trainer.default_root_dir = str(run_dir)
+        for logger in _as_list(trainer.get("logger")):
+            class_path = getattr(logger, "class_path", "") or ""
+            if class_path.endswith("WandbLogger"):
+                logger.init_args.save_dir = str(run_dir)
+                logger.init_args.name = logger.init_args.get("name") or f"{self.stage}/{run_dir.name}"
+                if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+                    os.environ["WANDB_MODE"] = "offline"  # no account or network needed; sweeps run online
+                    rank_zero_info("W&B: not logged in and WANDB_MODE unset -> offline run in the run folder")
+            elif class_path.endswith("CSVLogger"):
+                logger.init_args.save_dir = str(run_dir)
+                logger.init_args.name = ""
+                logger.init_args.version = "csv"
+        self._config_text = config_text if _global_rank() == 0 else None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+
+        loggers = _as_list(config.get("logger"))
+        if config.get("logger") is not False and not any(isinstance(lg, CSVLogger) for lg in loggers):
+            loggers.append(CSVLogger(save_dir=str(self.run_dir), name="", version="csv"))
+        config["logger"] = loggers or False
+
+        callbacks = _as_list(config.get("callbacks"))
+        callbacks.append(RunFolder(self.run_dir, self._config_text))
+        if config.get("enable_checkpointing", True) is not False and not any(
+            isinstance(cb, ModelCheckpoint) for cb in callbacks
+        ):
+            monitor = getattr(self.model, "monitor", None)
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(self.run_dir / "checkpoints"),
+                    filename="best",
+                    monitor=monitor,
+                    mode=getattr(self.model, "monitor_mode", "max"),
+                    save_top_k=1 if monitor else 0,
+                    save_last=True,
+                    auto_insert_metric_name=False,
+                )
+            )
+        config["callbacks"] = callbacks
+        return self._instantiate_trainer(config, extra_callbacks)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.state.status == "finished" and not self.trainer.interrupted:
+            link = point_latest(self.run_dir, self.runs_root, self.stage)
+            if link is not None:
+                rank_zero_info(f"{link} -> {self.run_dir.name}")
+
+
+def main(args: list[str] | None = None) -> AvatarCLI:
+    """Entry point of the ``lightning`` console script (``args`` None: ``sys.argv[1:]``)."""
+    if args is None and len(sys.argv) == 1:
+        sys.argv.append("--help")
+    return AvatarCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()
