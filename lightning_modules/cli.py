@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.run_folder import RUN_DIR_ENV, RunFolder, RunFolderError, point_latest, resolve_run_dir
 
-__all__ = ["AvatarCLI", "main", "stage_of"]
+__all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
 
 _RUN_KEYS = ("run_dir", "run_name")
 
@@ -175,11 +175,16 @@ class AvatarCLI(LightningCLI):
                 rank_zero_info(f"{link} -> {self.run_dir.name}")
 
 
-def main(args: list[str] | None = None) -> AvatarCLI:
-    """Entry point of the ``lightning`` console script (``args`` None: ``sys.argv[1:]``)."""
+def run_cli(args: list[str] | None = None) -> AvatarCLI:
+    """Parse ``args`` (None: ``sys.argv[1:]``), run the subcommand, return the CLI (model, trainer, run_dir)."""
     if args is None and len(sys.argv) == 1:
         sys.argv.append("--help")
     return AvatarCLI(args=args)
+
+
+def main() -> None:
+    """Entry point of the ``lightning`` console script."""
+    run_cli()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.cli import main
+from lightning_modules.cli import run_cli
 
 TOY = {
     "model": {"class_path": "tests.lightning_modules.toy.PointColourModule"},
@@ -43,7 +43,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def run(*args: str):
-    return main(list(args))
+    return run_cli(list(args))
 
 
 def runs_of(cwd: Path) -> list[Path]:

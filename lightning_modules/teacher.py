@@ -1,0 +1,258 @@
+"""Stage 1: the PointAvatar-style teacher, trained from tracked frames (``lightning fit --config experiments/teacher.yaml``).
+
+A thin LightningModule around :class:`models.teacher.PointAvatarTeacher` and
+:class:`models.rasterizer.PointRasterizer`: steps, losses, metrics, the point schedule
+(PointAvatar's growth and pruning) and optimisers. Losses (PointAvatar, Sec. 3.4, without the
+VGG term whose weights cannot be downloaded here):
+
+    L = w_rgb L1(render, GT on white) + w_mask L1(alpha, mask) + w_ssim (1 - SSIM)
+        + w_eikonal (|grad SDF| - 1)^2 + w_blendshape |B|^2
+
+Point schedule (PointAvatar): every ``prune_every_epochs`` epochs, points whose accumulated
+composited weight over that period stays below the threshold are deactivated (visibility summed
+over DDP ranks first, never below the floor), while the splat radius is >= ``prune_min_radius``;
+every ``grow_every_epochs`` epochs each active point is duplicated (noise from a generator seeded
+by the epoch, identical on every rank) and the radius shrinks by 0.75.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from models.camera import world_to_camera
+from models.losses import blendshape_regularization, eikonal_loss, mask_loss, masked_l1, ssim_loss
+from models.rasterizer import PointRasterizer, RasterOutput
+from models.teacher import CanonicalOutput, PointAvatarTeacher
+
+__all__ = ["TeacherModule", "check_finite_losses", "pixel_radius"]
+
+
+def pixel_radius(points: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Splat radius in pixels of world-space disks of radius ``radius`` at each point's depth.
+
+    r_px = radius * fx / z (pinhole; fx from K, z the camera-space depth, clamped at 1e-3).
+
+    Args:
+        points: (B, N, 3) world points; world_mat: (B, 3, 4); K: (B, 3, 3); radius: () world units.
+
+    Returns:
+        (B, N) radii in pixels.
+    """
+    z = world_to_camera(points, world_mat)[..., 2].clamp_min(1e-3)  # (B, N)
+    return radius * K[:, 0, 0, None] / z
+
+
+def check_finite_losses(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Stop training on a NaN/inf loss term with a message naming the step and the term.
+
+    Raises:
+        FloatingPointError: when a term is not finite.
+    """
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"step {step}: loss term '{name}' is {value.item()}; lower the learning rate or its weight "
+                f"(model.init_args.loss_weights.{name})"
+            )
+
+
+class TeacherModule(pl.LightningModule):
+    """Trains the teacher avatar; validation/test write ``teacher/*`` and ``baseline_mean/*`` metrics.
+
+    Args:
+        expression_dim, image_size: from the datamodule (linked by the CLI).
+        max_points, init_points, min_points, prune_threshold, radius_factor: the point buffer
+            (see :class:`~models.teacher.PointAvatarTeacher`).
+        geometry_width, geometry_depth, deformer_width, deformer_depth, shading_width: MLP sizes
+            (PointAvatar's by default).
+        points_per_pixel: depth-nearest points composited per pixel (PointAvatar: 10).
+        grow_every_epochs, prune_every_epochs: point schedule (PointAvatar: 5 and 1).
+        prune_min_radius: no pruning once the splat radius is below this (PointAvatar: 0.006).
+        loss_weights: {rgb, mask, ssim, eikonal, blendshape}; 0 switches a term off.
+        lr, points_lr: Adam learning rates of the MLPs and of the point coordinates.
+        lr_milestones, lr_gamma: MultiStepLR over epochs (PointAvatar: [40, 60] x 0.5).
+    """
+
+    stage = "teacher"
+    monitor = "teacher/val/psnr"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        expression_dim: int = 16,
+        image_size: int = 128,
+        max_points: int = 102_400,
+        init_points: int = 400,
+        min_points: int = 100,
+        prune_threshold: float = 0.5,
+        radius_factor: float = 0.3,
+        geometry_width: int = 256,
+        geometry_depth: int = 9,
+        deformer_width: int = 128,
+        deformer_depth: int = 4,
+        shading_width: int = 64,
+        points_per_pixel: int = 10,
+        grow_every_epochs: int = 5,
+        prune_every_epochs: int = 1,
+        prune_min_radius: float = 0.006,
+        loss_weights: dict[str, float] | None = None,
+        lr: float = 1e-4,
+        points_lr: float = 1e-4,
+        lr_milestones: tuple[int, ...] = (40, 60),
+        lr_gamma: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        weights = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2, "eikonal": 0.1, "blendshape": 1e-3}
+        unknown = set(loss_weights or {}) - set(weights)
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {sorted(weights)}")
+        self.loss_weights = {**weights, **(loss_weights or {})}
+        self.teacher = PointAvatarTeacher(
+            expression_dim=expression_dim,
+            max_points=max_points,
+            init_points=init_points,
+            min_points=min_points,
+            prune_threshold=prune_threshold,
+            radius_factor=radius_factor,
+            geometry_width=geometry_width,
+            geometry_depth=geometry_depth,
+            deformer_width=deformer_width,
+            deformer_depth=deformer_depth,
+            shading_width=shading_width,
+        )
+        self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
+        self.metrics = HeldOutMetrics(("teacher", "baseline_mean"))
+        self.register_buffer("visibility", torch.zeros(max_points), persistent=False)
+        self._eval_canonical: CanonicalOutput | None = None
+        self._evaluated_splits: set[str] = set()
+
+    # -- rendering -------------------------------------------------------------------------------
+    def render(
+        self, batch, canonical: CanonicalOutput | None = None, extra: torch.Tensor | None = None
+    ) -> tuple[dict, RasterOutput]:
+        """Teacher forward + rasterization of RGB (and optional extra (B, N, C) channels) for a batch."""
+        out = self.teacher(batch.expression, batch.world_mat, canonical=canonical)
+        features = out["colors"] if extra is None else torch.cat([out["colors"], extra], -1)
+        radius = pixel_radius(out["points"], batch.world_mat, batch.K, out["radius"])
+        raster = self.rasterizer(out["points"], features, batch.world_mat, batch.K, radius=radius)
+        return out, raster
+
+    # -- training ----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        # a ones channel whose gradient w.r.t. the composited image is each point's total weight
+        ones = torch.ones(len(batch), self.teacher.num_active, 1, device=self.device, requires_grad=True)
+        out, raster = self.render(batch, extra=ones)
+        rgb, weight_image = raster.image[:, :3], raster.image[:, 3:]
+        target = composite_on_white(batch.image, batch.mask)
+        w = self.loss_weights
+        terms = {
+            "rgb": masked_l1(rgb, target),
+            "mask": mask_loss(raster.alpha, batch.mask),
+            "ssim": ssim_loss(rgb, target) if w["ssim"] > 0 else rgb.new_zeros(()),
+            "eikonal": eikonal_loss(out["sdf_grad"]),
+            "blendshape": blendshape_regularization(out["blendshapes"], out["offset"]),
+        }
+        check_finite_losses(terms, self.global_step)
+        loss = sum(w[name] * value for name, value in terms.items())
+        (point_weight,) = torch.autograd.grad(weight_image.sum(), ones, retain_graph=True)
+        self.visibility.index_add_(0, out["indices"], point_weight.detach().sum((0, 2)))
+        self.log_dict({f"teacher/train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
+        self.log("teacher/train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("num_points", float(self.teacher.num_active), prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        epoch = self.current_epoch + 1
+        optimizer = self.optimizers().optimizer
+        if epoch % self.hparams.prune_every_epochs == 0 and float(self.teacher.radius) >= self.hparams.prune_min_radius:
+            visibility = self.trainer.strategy.reduce(self.visibility.clone(), reduce_op="sum")
+            rows = self.teacher.prune(visibility)
+            self.teacher.reset_optimizer_rows(optimizer, rows)
+        self.visibility.zero_()
+        if epoch % self.hparams.grow_every_epochs == 0:
+            generator = torch.Generator(device="cpu").manual_seed(1_000_003 * epoch)
+            rows = self.teacher.grow(generator)
+            self.teacher.reset_optimizer_rows(optimizer, rows)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _eval_step(self, batch, split: str) -> None:
+        if self._eval_canonical is None:  # per subject: once per evaluation epoch
+            self._eval_canonical = self.teacher.canonical(method="explicit")
+        _, raster = self.render(batch, canonical=self._eval_canonical)
+        self.metrics.update("teacher", raster.image[:, :3], batch.image, batch.mask)
+        mean = self._mean_train_image()
+        if mean is not None:
+            baseline = composite_on_white(mean.to(batch.image).expand_as(batch.image), batch.mask)
+            self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
+
+    def _mean_train_image(self) -> torch.Tensor | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        mean_fn = getattr(datamodule, "mean_train_image", None)
+        return mean_fn() if callable(mean_fn) else None
+
+    def _eval_epoch_end(self, split: str) -> None:
+        self.log_dict(self.metrics.compute(split))
+        self.metrics.reset()
+        self._eval_canonical = None
+        self._evaluated_splits.add(split)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @torch.no_grad()
+    def visualize(self, batch) -> dict[str, torch.Tensor]:
+        """Columns for the render grid: ground truth | render | normals | rendered alpha, (B, 3, H, W)."""
+        canonical = self._eval_canonical or self.teacher.canonical(method="explicit")
+        out = self.teacher(batch.expression, batch.world_mat, canonical=canonical)
+        normals_rgb = out["normals_cam"] * 0.5 + 0.5
+        features = torch.cat([out["colors"], normals_rgb], -1)
+        radius = pixel_radius(out["points"], batch.world_mat, batch.K, out["radius"])
+        raster = self.rasterizer(out["points"], features, batch.world_mat, batch.K, radius=radius)
+        return {
+            "ground_truth": composite_on_white(batch.image, batch.mask),
+            "render": raster.image[:, :3],
+            "normals": raster.image[:, 3:6],
+            "alpha": raster.alpha.expand(-1, 3, -1, -1),
+        }
+
+    def run_metrics(self) -> dict[str, float | int | None]:
+        """Counts for metrics.json; LPIPS is null (no pretrained AlexNet weights on disk)."""
+        metrics: dict[str, float | int | None] = {
+            "params/teacher": sum(p.numel() for p in self.teacher.canonical_network_parameters()),
+            "num_points": self.teacher.num_active,
+        }
+        for split in self._evaluated_splits:
+            metrics[f"teacher/{split}/lpips"] = None
+        return metrics
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(
+            [
+                {"params": self.teacher.canonical_network_parameters(), "lr": hp.lr},
+                {"params": [self.teacher.points], "lr": hp.points_lr},
+            ]
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["num_points"] = self.teacher.num_active
+        checkpoint["model_class"] = f"{type(self.teacher).__module__}.{type(self.teacher).__qualname__}"
+
+    def extra_repr(self) -> str:
+        return f"points={self.teacher.num_active}/{self.hparams.max_points}, radius={float(self.teacher.radius):.4g}"
+
