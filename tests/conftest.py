@@ -7,12 +7,45 @@ the code under test), so each test runs, never skips, where ../shared is absent.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO_ROOT / "experiments"
+TINY_MESH = EXPERIMENTS / "overrides" / "tiny_mesh.yaml"
+
+# Tests never talk to W&B (a test that checks the W&B run sets WANDB_MODE itself).
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def run_stage(*args: str):
+    """Run the `lightning` CLI in-process (``args`` as on the command line); returns the AvatarCLI."""
+    from lightning_modules.cli import run_cli
+
+    saved = sys.argv
+    sys.argv = ["lightning"]
+    try:
+        return run_cli(list(args))
+    finally:
+        sys.argv = saved
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory) -> Path:
+    """A real teacher run on the tiny head after one step (``--trainer.max_steps=1``): its run folder.
+
+    The later stages' tests load ``<run>/checkpoints/last.ckpt``.
+    """
+    run_dir = tmp_path_factory.mktemp("runs") / "teacher_1step"
+    run_stage(
+        "fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+        "--trainer.max_steps=1", "--run_dir", str(run_dir),
+    )
+    return run_dir
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
 FRAN_RELPATH = Path("meshes") / "fran" / "fran_cut.vtk"
 CANONICAL_RELPATH = Path("meshes") / "mediapipe_canonical" / "canonical_face_model.obj"

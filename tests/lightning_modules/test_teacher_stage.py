@@ -1,0 +1,104 @@
+"""The teacher stage end to end on the tiny head, and its pieces with known values."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from lightning_modules import teacher as teacher_stage
+from lightning_modules.teacher import TeacherModule, check_finite_losses, pixel_radius
+from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
+
+
+def test_one_step_teacher_run_leaves_checkpoint_metrics_and_grid(teacher_run):
+    ckpt = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 1
+    assert ckpt["hyper_parameters"]["expression_dim"] == 4  # linked from the tiny-mesh datamodule
+    metrics = json.loads((teacher_run / "metrics.json").read_text())
+    fresh = TeacherModule(expression_dim=4, image_size=32)
+    assert metrics["params/teacher"] == sum(p.numel() for p in fresh.teacher.canonical_network_parameters())
+    assert metrics["num_points"] == ckpt["num_points"] <= 400
+    for model in ("teacher", "baseline_mean"):
+        for metric in ("l1", "psnr", "ssim"):
+            assert isinstance(metrics[f"{model}/val/{metric}"], float)
+    assert metrics["teacher/val/lpips"] is None  # no AlexNet weights on disk: null, never a stand-in
+    (grid,) = sorted((teacher_run / "renders").glob("val_*.png"))
+    image = iio.imread(grid)
+    assert image.shape == (2 * 32, 4 * 32, 3)  # rows: val frames; columns: GT | render | normals | alpha
+
+
+def test_checkpoint_loads_into_a_fresh_module_with_the_same_renders(teacher_run):
+    from datamodules.mesh_views import MeshViewsDataModule
+
+    loaded = TeacherModule.load_from_checkpoint(teacher_run / "checkpoints" / "last.ckpt").eval()
+    again = TeacherModule.load_from_checkpoint(teacher_run / "checkpoints" / "last.ckpt").eval()
+    dm = MeshViewsDataModule(num_views=8, image_size=32, expression_dim=4, samples=5000)
+    batch = next(iter(dm.test_dataloader()))
+    a, b = loaded.visualize(batch), again.visualize(batch)
+    assert torch.equal(a["render"], b["render"])
+    assert loaded.teacher.num_active == torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)["num_points"]
+
+
+def test_test_subcommand_writes_video_and_test_metrics(teacher_run, tmp_path):
+    out = tmp_path / "test_run"
+    run_stage(
+        "test", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+        "--ckpt_path", str(teacher_run / "checkpoints" / "last.ckpt"), "--run_dir", str(out),
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"teacher/test/psnr", "baseline_mean/test/psnr", "teacher/test/lpips"} <= set(metrics)
+    video = iio.imread(out / "renders" / "test.mp4")
+    assert video.shape[1:] == (32, 4 * 32, 3)
+    assert video.shape[0] == 2  # the tiny head's test views (i % 4 == 3 of 8)
+
+
+def test_nan_loss_stops_with_step_and_term(tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher_stage, "mask_loss", lambda alpha, mask: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match=r"step 0: loss term 'mask' is nan"):
+        run_stage(
+            "fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+            "--run_dir", str(tmp_path / "nan"),
+        )
+    assert (tmp_path / "nan" / "checkpoints" / "last.ckpt").is_file()  # the crash still leaves last.ckpt
+
+
+def test_check_finite_losses_names_the_term():
+    check_finite_losses({"rgb": torch.tensor(0.5)}, step=3)
+    with pytest.raises(FloatingPointError, match="step 7: loss term 'eikonal' is inf"):
+        check_finite_losses({"rgb": torch.tensor(0.5), "eikonal": torch.tensor(float("inf"))}, step=7)
+
+
+def test_pixel_radius_is_focal_times_radius_over_depth():
+    points = torch.tensor([[[0.0, 0.0, 2.0], [0.3, -0.1, 4.0]]])
+    world_mat = torch.eye(4)[:3].unsqueeze(0)
+    K = torch.tensor([[[100.0, 0, 16], [0, 100.0, 16], [0, 0, 1]]])
+    r = pixel_radius(points, world_mat, K, torch.tensor(0.02))
+    assert torch.allclose(r, torch.tensor([[100 * 0.02 / 2.0, 100 * 0.02 / 4.0]]))
+
+
+def test_visibility_is_each_points_composited_weight():
+    """One training step's visibility of a lone point equals the sum of its alphas over the pixels."""
+    from datamodules.batch import AvatarBatch
+
+    module = TeacherModule(expression_dim=2, image_size=16, init_points=1, min_points=1, max_points=4,
+                           geometry_width=48, geometry_depth=5, deformer_width=8, deformer_depth=2, shading_width=8)
+    with torch.no_grad():
+        module.teacher.points[0] = torch.tensor([0.0, 0.0, 0.0])
+        module.teacher.radius.fill_(0.05)  # at depth 2 with fx 100: r = 2.5 px
+    batch = AvatarBatch(
+        image=torch.rand(1, 3, 16, 16), mask=torch.ones(1, 1, 16, 16),
+        world_mat=torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2]]]),
+        K=torch.tensor([[[100.0, 0, 8], [0, 100.0, 8], [0, 0, 1]]]),
+        expression=torch.zeros(1, 2), frame_index=torch.zeros(1, dtype=torch.long),
+    )
+    module.log = module.log_dict = lambda *a, **k: None  # no trainer attached
+    module.training_step(batch, 0)
+    # the point projects to (8, 8), a pixel corner; pixel centres at (u + 0.5, v + 0.5)
+    centres = torch.stack(torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="xy"), -1)
+    d2 = ((centres - 8.0) ** 2).sum(-1)
+    expected = (1 - d2 / 2.5**2).clamp_min(0).sum()
+    assert module.visibility[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert module.visibility[1:].abs().sum() == 0
