@@ -7,8 +7,12 @@ with their stages (DESIGN.md, "Distillation losses", "GAR").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
+
+from models.ops import gather
 
 __all__ = [
     "blendshape_regularization",
@@ -110,3 +114,404 @@ def blendshape_regularization(blendshapes: torch.Tensor, offset: torch.Tensor | 
     if offset is not None:
         loss = loss + offset.float().pow(2).sum(-1).mean()
     return loss
+
+
+# ============================================================================================
+# Distillation losses (stage 2; DESIGN.md, "Distillation losses")
+# ============================================================================================
+#
+#   L = λ_gt L_gt + λ_out L_out + λ_feat L_feat + λ_graph L_graph
+#
+# L_gt is the teacher's image losses above, applied to the student's render. The functions below
+# take the student's outputs first and the teacher's second; every teacher tensor is detached
+# inside, so no gradient ever reaches the teacher. They compute in float32 (float64 inputs stay
+# float64) with autocast disabled, so a bf16-mixed run gets full-precision losses.
+#
+# Layouts: per-point tensors are packed (N, ...) rows of one canonical cloud, student and teacher
+# in the same point order; images are (B, C, H, W).
+
+__all__ += [
+    "DISTILLATION_TERMS",
+    "albedo_distillation_loss",
+    "deformation_distillation_loss",
+    "distillation_loss",
+    "feature_distillation_loss",
+    "graph_distillation_loss",
+    "normal_distillation_loss",
+    "output_distillation_loss",
+    "rendered_image_distillation_loss",
+    "sample_anchors",
+]
+
+#: The four terms of the distillation objective, in the order of DESIGN.md.
+DISTILLATION_TERMS = ("gt", "out", "feat", "graph")
+
+# Logit given to masked neighbours before the softmax: finite (no inf - inf = NaN), and
+# exp(-1e9 - max) is exactly 0 in float32 and float64.
+_MASKED_LOGIT = -1.0e9
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; everything else (float16, bfloat16, float32, int) becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _full_precision(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _check_pair(student: torch.Tensor, teacher: torch.Tensor, name: str, last_dim: int | None = None) -> None:
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise ValueError(f"{name}: student and teacher values must be tensors")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{name}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ; "
+            "pass the outputs of the same points in the same order"
+        )
+    if last_dim is not None and (student.dim() < 1 or student.shape[-1] != last_dim):
+        raise ValueError(f"{name}: expected (..., {last_dim}) tensors, got {tuple(student.shape)}")
+
+
+def albedo_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L1 between the student's and the teacher's albedo: mean |a_s - a_t| over points and channels.
+
+    Args:
+        student: (N, 3) student albedo in [0, 1].
+        teacher: (N, 3) teacher albedo (detached here).
+
+    Returns:
+        scalar float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: on differing shapes or a last dimension other than 3.
+    """
+    _check_pair(student, teacher, "albedo_distillation_loss", 3)
+    with _full_precision(student.device):
+        return (_work(student) - _work(teacher.detach())).abs().mean()
+
+
+def normal_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normal alignment mean_i (1 - cos(n_s,i, n_t,i)), in [0, 2]; 0 when the directions agree.
+
+    Both normals are normalised here (norms clamped at ``eps``), so unnormalised SDF gradients
+    may be passed; a zero vector has cosine 0 with everything.
+
+    Args:
+        student: (N, 3) student canonical normals.
+        teacher: (N, 3) teacher canonical normals (detached here).
+        eps: norm floor.
+
+    Returns:
+        scalar float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: on differing shapes or a last dimension other than 3.
+    """
+    _check_pair(student, teacher, "normal_distillation_loss", 3)
+    with _full_precision(student.device):
+        s = F.normalize(_work(student), dim=-1, eps=eps)
+        t = F.normalize(_work(teacher.detach()), dim=-1, eps=eps)
+        return (1.0 - (s * t).sum(-1)).mean()
+
+
+def deformation_distillation_loss(
+    student_blendshapes: torch.Tensor,
+    teacher_blendshapes: torch.Tensor,
+    student_offset: torch.Tensor | None = None,
+    teacher_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MSE of the expression blendshapes plus MSE of the canonical offsets.
+
+    ``mean((B_s - B_t)^2) + mean((o_s - o_t)^2)``, each mean over all elements (points, E, xyz);
+    the offset term is left out when both offsets are None.
+
+    Args:
+        student_blendshapes, teacher_blendshapes: (N, E, 3) blendshapes B_e(x) (canonical units).
+        student_offset, teacher_offset: (N, 3) canonical offsets o(x), or both None.
+
+    Returns:
+        scalar float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: on differing shapes, or only one offset given.
+    """
+    _check_pair(student_blendshapes, teacher_blendshapes, "deformation_distillation_loss (blendshapes)", 3)
+    if (student_offset is None) != (teacher_offset is None):
+        raise ValueError("deformation_distillation_loss: give both offsets (student and teacher) or neither")
+    with _full_precision(student_blendshapes.device):
+        loss = (_work(student_blendshapes) - _work(teacher_blendshapes.detach())).pow(2).mean()
+        if student_offset is not None:
+            _check_pair(student_offset, teacher_offset, "deformation_distillation_loss (offset)", 3)
+            loss = loss + (_work(student_offset) - _work(teacher_offset.detach())).pow(2).mean()
+        return loss
+
+
+def rendered_image_distillation_loss(
+    student_image: torch.Tensor, teacher_image: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L1 between the student's and the teacher's rendered images (:func:`masked_l1`).
+
+    The stage renders both clouds with the same rasterizer and camera; this only compares them.
+
+    Args:
+        student_image: (B, C, H, W) student render.
+        teacher_image: (B, C, H, W) teacher render (detached here).
+        mask: optional (B, 1, H, W) pixel weights (e.g. the head mask).
+
+    Returns:
+        scalar float32.
+
+    Raises:
+        ValueError: on differing shapes or images that are not (B, C, H, W).
+    """
+    _check_pair(student_image, teacher_image, "rendered_image_distillation_loss")
+    if student_image.dim() != 4:
+        raise ValueError(f"rendered_image_distillation_loss: images must be (B, C, H, W), got {tuple(student_image.shape)}")
+    with _full_precision(student_image.device):
+        return masked_l1(student_image, teacher_image.detach(), mask)
+
+
+def output_distillation_loss(
+    student_albedo: torch.Tensor,
+    teacher_albedo: torch.Tensor,
+    student_normals: torch.Tensor,
+    teacher_normals: torch.Tensor,
+    student_blendshapes: torch.Tensor,
+    teacher_blendshapes: torch.Tensor,
+    student_offset: torch.Tensor | None = None,
+    teacher_offset: torch.Tensor | None = None,
+    student_image: torch.Tensor | None = None,
+    teacher_image: torch.Tensor | None = None,
+    image_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """L_out, the output-level distillation: the student imitates every teacher output.
+
+    ``L_out = albedo L1 + normal (1 - cos) + blendshape/offset MSE + rendered-image L1``
+    (each term unweighted; the stage weights L_out as a whole with λ_out).
+
+    Args:
+        student_albedo, teacher_albedo: (N, 3).
+        student_normals, teacher_normals: (N, 3) canonical normals.
+        student_blendshapes, teacher_blendshapes: (N, E, 3).
+        student_offset, teacher_offset: (N, 3), or both None.
+        student_image, teacher_image: (B, C, H, W) renders of the two clouds in the same frames,
+            or both None (then the ``render`` term is absent).
+        image_mask: optional (B, 1, H, W) weights of the render term.
+
+    Returns:
+        dict with scalar tensors ``albedo``, ``normal``, ``deformation``, ``render`` (when images
+        are given) and ``total`` (their sum, L_out).
+
+    Raises:
+        ValueError: as the term functions, or when only one of the images is given.
+    """
+    terms = {
+        "albedo": albedo_distillation_loss(student_albedo, teacher_albedo),
+        "normal": normal_distillation_loss(student_normals, teacher_normals),
+        "deformation": deformation_distillation_loss(
+            student_blendshapes, teacher_blendshapes, student_offset, teacher_offset
+        ),
+    }
+    if (student_image is None) != (teacher_image is None):
+        raise ValueError("output_distillation_loss: give both rendered images (student and teacher) or neither")
+    if student_image is not None:
+        terms["render"] = rendered_image_distillation_loss(student_image, teacher_image, image_mask)
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def feature_distillation_loss(adapted_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_feat = mean_i ||A f_s,i - f_t,i||^2 (squared Euclidean norm per point, mean over points).
+
+    Args:
+        adapted_student: (N, C_t) student features after the 1x1 adapter
+            (:class:`models.adapters.FeatureAdapter`), A f_s.
+        teacher: (N, C_t) teacher features f_t (detached here).
+
+    Returns:
+        scalar float32 (float64 for float64 input); 0 when A f_s = f_t.
+
+    Raises:
+        ValueError: on differing shapes or tensors that are not (N, C).
+    """
+    _check_pair(adapted_student, teacher, "feature_distillation_loss")
+    if adapted_student.dim() != 2:
+        raise ValueError(f"feature_distillation_loss: features must be (N, C), got {tuple(adapted_student.shape)}")
+    with _full_precision(adapted_student.device):
+        return (_work(adapted_student) - _work(teacher.detach())).pow(2).sum(-1).mean()
+
+
+def sample_anchors(
+    num_points: int,
+    num_anchors: int = 4096,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw the anchor points of the graph loss: M = min(num_anchors, N) distinct rows.
+
+    When M = N every point is an anchor (``arange(N)``, no random numbers drawn); otherwise the
+    first M entries of a random permutation drawn from ``generator`` (on the generator's device,
+    so a CPU generator seeded by the stage gives the same anchors on any accelerator).
+
+    Args:
+        num_points: N, points in the cloud (>= 0).
+        num_anchors: requested M (>= 1); clamped to N.
+        generator: optional torch.Generator (the global generator when None).
+        device: device of the returned indices (default: the generator's, else CPU).
+
+    Returns:
+        (M,) int64 distinct point indices.
+
+    Raises:
+        ValueError: for a negative N or num_anchors < 1.
+    """
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+        raise ValueError(f"sample_anchors: num_points must be an int >= 0, got {num_points!r}")
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"sample_anchors: num_anchors must be an int >= 1, got {num_anchors!r}")
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    out_device = torch.device(device) if device is not None else draw_device
+    if num_anchors >= num_points:
+        return torch.arange(num_points, device=out_device)
+    perm = torch.randperm(num_points, generator=generator, device=draw_device)
+    return perm[:num_anchors].to(out_device)
+
+
+def graph_distillation_loss(
+    adapted_student: torch.Tensor,
+    teacher: torch.Tensor,
+    neighbors: torch.Tensor,
+    num_anchors: int = 4096,
+    generator: torch.Generator | None = None,
+    valid: torch.Tensor | None = None,
+    tau: float = 0.1,
+    anchors: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> dict[str, torch.Tensor]:
+    """L_graph, the "assisted supervision": match the teacher's feature graph at M anchor points.
+
+    One kNN graph over the whole canonical cloud (built once, k = 16: ``neighbors[i]`` are the
+    neighbours j of point i) is evaluated at M random anchors i (bounded memory). With
+    a_i = A f_s,i (adapted student) and t_i = f_t,i (teacher), over the edges (i, j) of the anchors:
+
+    * edge-difference matching (first-order relations, cf. Relational KD, Park et al. CVPR 2019)::
+
+          L_edge = mean_(i,j) ||(a_i - a_j) - (t_i - t_j)||^2
+
+    * local relation matching (cf. LSP, Yang et al. CVPR 2020): per anchor a softmax over its
+      neighbours of the cosine similarity at temperature tau, teacher vs student::
+
+          p_t(j|i) = softmax_j(cos(t_i, t_j) / tau),  p_s(j|i) = softmax_j(cos(a_i, a_j) / tau)
+          L_rel = mean_i KL(p_t(.|i) || p_s(.|i)) = mean_i sum_j p_t log(p_t / p_s)
+
+    Both are exactly 0 when A f_s = f_t. Edges excluded: slots with ``valid`` False (padding of
+    clouds smaller than k) and self-edges j = i (a kNN of a cloud with itself lists each point
+    first; such an edge has zero difference and a constant cosine of 1, i.e. no information).
+    L_edge averages over the remaining edges; L_rel over the anchors that keep at least one
+    edge (an anchor with a single edge has KL 0). With no edge at all both terms are 0 (still
+    connected to the student's graph).
+
+    Args:
+        adapted_student: (N, C) A f_s, the adapted student features of the whole cloud.
+        teacher: (N, C) f_t of the same points (detached here).
+        neighbors: (N, k) int64 neighbour rows (packed layout, :func:`models.ops.knn_graph`-style).
+        num_anchors: M, clamped to N (default 4096).
+        generator: torch.Generator the anchors are drawn from (:func:`sample_anchors`); the
+            stage owns its seed.
+        valid: optional (N, k) bool, False on padded neighbour slots.
+        tau: softmax temperature (> 0).
+        anchors: optional (M,) int64 anchor rows to use instead of drawing them.
+        eps: norm floor of the cosine similarity.
+
+    Returns:
+        dict of scalar tensors ``edge`` (L_edge), ``relation`` (L_rel) and ``total`` (their sum,
+        L_graph); float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: on mismatched shapes, a bad ``valid`` mask, tau <= 0, or indices out of range.
+    """
+    op = "graph_distillation_loss"
+    _check_pair(adapted_student, teacher, op)
+    if adapted_student.dim() != 2:
+        raise ValueError(f"{op}: features must be (N, C), got {tuple(adapted_student.shape)}")
+    n = adapted_student.shape[0]
+    if not isinstance(neighbors, torch.Tensor) or neighbors.dim() != 2 or neighbors.shape[0] != n:
+        shape = tuple(neighbors.shape) if isinstance(neighbors, torch.Tensor) else type(neighbors).__name__
+        raise ValueError(f"{op}: neighbors must be (N, k) = ({n}, k) neighbour rows, got {shape}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != neighbors.shape):
+        raise ValueError(
+            f"{op}: valid must be a bool tensor shaped like neighbors {tuple(neighbors.shape)}, "
+            f"got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if not tau > 0:
+        raise ValueError(f"{op}: tau must be > 0, got {tau!r}")
+    device = adapted_student.device
+    if anchors is None:
+        anchors = sample_anchors(n, num_anchors, generator=generator, device=device)
+    elif anchors.dim() != 1 or anchors.is_floating_point():
+        raise ValueError(f"{op}: anchors must be a 1-D integer tensor, got {anchors.dtype} {tuple(anchors.shape)}")
+    anchors = anchors.to(device=device, dtype=torch.long)
+
+    with _full_precision(device):
+        s_all = _work(adapted_student)
+        t_all = _work(teacher.detach())
+        nbr = neighbors.to(device)[anchors]  # (M, k)
+        edge_ok = nbr != anchors[:, None]  # (M, k) no self-edges
+        if valid is not None:
+            edge_ok = edge_ok & valid.to(device)[anchors]
+        s_i, t_i = s_all[anchors], t_all[anchors]  # (M, C)
+        s_j, t_j = gather(s_all, nbr), gather(t_all, nbr)  # (M, k, C)
+
+        # Edge-difference matching.
+        residual = (s_i[:, None, :] - s_j) - (t_i[:, None, :] - t_j)  # (M, k, C)
+        sq = residual.pow(2).sum(-1)  # (M, k)
+        num_edges = edge_ok.sum()
+        edge = torch.where(edge_ok, sq, torch.zeros_like(sq)).sum() / num_edges.clamp_min(1).to(sq.dtype)
+
+        # Local relation matching.
+        def cosine(x_i: torch.Tensor, x_j: torch.Tensor) -> torch.Tensor:
+            return (F.normalize(x_i, dim=-1, eps=eps)[:, None, :] * F.normalize(x_j, dim=-1, eps=eps)).sum(-1)
+
+        logit_t = torch.where(edge_ok, cosine(t_i, t_j) / tau, torch.full_like(sq, _MASKED_LOGIT))  # (M, k)
+        logit_s = torch.where(edge_ok, cosine(s_i, s_j) / tau, torch.full_like(sq, _MASKED_LOGIT))  # (M, k)
+        log_p_t = torch.log_softmax(logit_t, dim=-1)
+        log_p_s = torch.log_softmax(logit_s, dim=-1)
+        kl_terms = torch.where(edge_ok, log_p_t.exp() * (log_p_t - log_p_s), torch.zeros_like(sq))
+        row_ok = edge_ok.any(-1)  # (M,)
+        kl_rows = torch.where(row_ok, kl_terms.sum(-1), torch.zeros_like(sq[:, 0]))  # (M,)
+        relation = kl_rows.sum() / row_ok.sum().clamp_min(1).to(sq.dtype)
+        return {"edge": edge, "relation": relation, "total": edge + relation}
+
+
+def distillation_loss(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """The distillation objective L = λ_gt L_gt + λ_out L_out + λ_feat L_feat + λ_graph L_graph.
+
+    Args:
+        terms: scalar losses by name, among ``gt``, ``out``, ``feat``, ``graph``
+            (:data:`DISTILLATION_TERMS`); a term whose weight is 0 may be absent.
+        weights: λ by the same names; a missing weight counts as 0.
+
+    Returns:
+        scalar float32 (float64 if a term is float64).
+
+    Raises:
+        ValueError: for an unknown name, a negative weight, or a missing term with a non-zero
+            weight.
+    """
+    unknown = (set(terms) | set(weights)) - set(DISTILLATION_TERMS)
+    if unknown:
+        raise ValueError(f"distillation_loss: unknown term(s) {sorted(unknown)}; known: {list(DISTILLATION_TERMS)}")
+    total = None
+    for name in DISTILLATION_TERMS:
+        weight = float(weights.get(name, 0.0))
+        if weight < 0:
+            raise ValueError(f"distillation_loss: weight of {name!r} must be >= 0, got {weight}")
+        if weight == 0.0:
+            continue
+        if name not in terms:
+            raise ValueError(f"distillation_loss: term {name!r} has weight {weight} but was not computed")
+        value = weight * _work(terms[name])
+        total = value if total is None else total + value
+    if total is None:
+        raise ValueError("distillation_loss: every weight is 0; give at least one term a positive weight")
+    return total

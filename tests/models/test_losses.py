@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from models.losses import blendshape_regularization, eikonal_loss, gaussian_ssim, mask_loss, masked_l1, ssim_loss
+from models.losses import (
+    blendshape_regularization,
+    eikonal_loss,
+    gaussian_ssim,
+    mask_loss,
+    masked_l1,
+    ssim_loss,
+)
 
 
 def test_masked_l1_counts_only_masked_pixels():
