@@ -128,6 +128,7 @@ class TeacherModule(pl.LightningModule):
         self.register_buffer("visibility", torch.zeros(max_points), persistent=False)
         self._eval_canonical: CanonicalOutput | None = None
         self._evaluated_splits: set[str] = set()
+        self._visibility_batches = 0  # training batches accumulated into `visibility` this epoch
 
     # -- rendering -------------------------------------------------------------------------------
     def render(
@@ -159,6 +160,7 @@ class TeacherModule(pl.LightningModule):
         loss = sum(w[name] * value for name, value in terms.items())
         (point_weight,) = torch.autograd.grad(weight_image.sum(), ones, retain_graph=True)
         self.visibility.index_add_(0, out["indices"], point_weight.detach().sum((0, 2)))
+        self._visibility_batches += 1
         self.log_dict({f"teacher/train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
         self.log("teacher/train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("num_points", float(self.teacher.num_active), prog_bar=True, batch_size=len(batch))
@@ -166,16 +168,20 @@ class TeacherModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         epoch = self.current_epoch + 1
+        # an epoch cut short (max_steps) has not seen every frame: no schedule step on it
+        if self._visibility_batches < self.trainer.num_training_batches:
+            return
+        self._visibility_batches = 0
         optimizer = self.optimizers().optimizer
-        if epoch % self.hparams.prune_every_epochs == 0 and float(self.teacher.radius) >= self.hparams.prune_min_radius:
+        if float(self.teacher.radius) < self.hparams.prune_min_radius:
+            self.visibility.zero_()  # PointAvatar stops pruning once the points are this small
+        elif epoch % self.hparams.prune_every_epochs == 0:
             visibility = self.trainer.strategy.reduce(self.visibility.clone(), reduce_op="sum")
-            rows = self.teacher.prune(visibility)
-            self.teacher.reset_optimizer_rows(optimizer, rows)
-        self.visibility.zero_()
+            self.teacher.reset_optimizer_rows(optimizer, self.teacher.prune(visibility))
+            self.visibility.zero_()
         if epoch % self.hparams.grow_every_epochs == 0:
-            generator = torch.Generator(device="cpu").manual_seed(1_000_003 * epoch)
-            rows = self.teacher.grow(generator)
-            self.teacher.reset_optimizer_rows(optimizer, rows)
+            generator = torch.Generator(device="cpu").manual_seed(1_000_003 * epoch)  # same noise on every rank
+            self.teacher.reset_optimizer_rows(optimizer, self.teacher.grow(generator))
 
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch, split: str) -> None:
@@ -197,7 +203,8 @@ class TeacherModule(pl.LightningModule):
         self.log_dict(self.metrics.compute(split))
         self.metrics.reset()
         self._eval_canonical = None
-        self._evaluated_splits.add(split)
+        if not self.trainer.sanity_checking:
+            self._evaluated_splits.add(split)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

@@ -414,7 +414,7 @@ def graph_distillation_loss(
     Args:
         adapted_student: (N, C) A f_s, the adapted student features of the whole cloud.
         teacher: (N, C) f_t of the same points (detached here).
-        neighbors: (N, k) int64 neighbour rows (packed layout, :func:`models.ops.knn_graph`-style).
+        neighbors: (N, k) int64 neighbour rows, e.g. ``models.ops.knn(points, points, 16)[0]``.
         num_anchors: M, clamped to N (default 4096).
         generator: torch.Generator the anchors are drawn from (:func:`sample_anchors`); the
             stage owns its seed.

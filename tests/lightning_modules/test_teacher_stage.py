@@ -102,3 +102,26 @@ def test_visibility_is_each_points_composited_weight():
     expected = (1 - d2 / 2.5**2).clamp_min(0).sum()
     assert module.visibility[0].item() == pytest.approx(expected.item(), rel=1e-5)
     assert module.visibility[1:].abs().sum() == 0
+
+
+def test_point_schedule_runs_on_full_epochs_only(tmp_path):
+    # tiny head: 4 training views, batch 2 -> 2 batches per epoch
+    common = ("fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+              "--model.init_args.grow_every_epochs=1", "--model.init_args.prune_every_epochs=1000",
+              "--trainer.limit_val_batches=0")
+    cut = run_stage(*common, "--trainer.max_steps=1", "--run_dir", str(tmp_path / "cut"))
+    assert cut.model.teacher.num_active == 400  # the epoch was cut short: no growth
+    grown = run_stage(*common, "--trainer.max_steps=2", "--run_dir", str(tmp_path / "grown"))
+    assert grown.model.teacher.num_active == 800
+    assert grown.model.teacher.points.shape == cut.model.teacher.points.shape  # fixed-capacity buffer
+    assert json.loads((tmp_path / "grown" / "metrics.json").read_text())["num_points"] == 800
+
+
+def test_pruning_everything_stops_at_the_floor_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="min_points"):
+        cli = run_stage(
+            "fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+            "--model.init_args.prune_threshold=1e9", "--model.init_args.min_points=150",
+            "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--run_dir", str(tmp_path / "pruned"),
+        )
+    assert cli.model.teacher.num_active == 150
