@@ -32,7 +32,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.run_folder import RUN_DIR_ENV, RunFolder, RunFolderError, point_latest, resolve_run_dir
+from lightning_modules.run_folder import (
+    RUN_DIR_ENV,
+    RunFolder,
+    RunFolderError,
+    UpstreamMissingError,
+    point_latest,
+    resolve_run_dir,
+)
 
 __all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
 
@@ -138,6 +145,14 @@ class AvatarCLI(LightningCLI):
                 logger.init_args.name = ""
                 logger.init_args.version = "csv"
         self._config_text = config_text if _global_rank() == 0 else None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except UpstreamMissingError as err:
+            if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # leave no empty run folder behind
+            self.parser.error(str(err))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]

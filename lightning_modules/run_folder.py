@@ -32,6 +32,8 @@ __all__ = [
     "RUN_DIR_ENV",
     "RunFolder",
     "RunFolderError",
+    "UpstreamMissingError",
+    "upstream_checkpoint",
     "get_run_folder",
     "is_metric_key",
     "point_latest",
@@ -50,6 +52,30 @@ _SCALAR_KEYS = {"num_points", "params_ratio", "flops_ratio"}
 
 class RunFolderError(ValueError):
     """A run-folder request that cannot be honoured (existing folder, missing last.ckpt, ...)."""
+
+
+class UpstreamMissingError(FileNotFoundError):
+    """The checkpoint of the stage this one builds on is missing (the CLI prints it as one line)."""
+
+
+def upstream_checkpoint(path: str | os.PathLike | None, upstream: str, key: str, runs_root: str = "runs") -> Path:
+    """The upstream stage's checkpoint: ``path``, or ``<runs_root>/<upstream>/latest/checkpoints/last.ckpt``.
+
+    Args:
+        path: the user's override (``model.init_args.<key>``), or None for the default.
+        upstream: the upstream stage (``teacher``, ``distill``).
+        key: the init arg that overrides it, named in the error.
+
+    Raises:
+        UpstreamMissingError: when the file does not exist; the message names the command that makes it.
+    """
+    ckpt = Path(path) if path is not None else Path(runs_root) / upstream / "latest" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise UpstreamMissingError(
+            f"no {upstream} checkpoint at {ckpt}: run `lightning fit --config experiments/{upstream}.yaml` first, "
+            f"or point model.init_args.{key} at one"
+        )
+    return ckpt
 
 
 def is_metric_key(key: str) -> bool:
