@@ -1,0 +1,357 @@
+"""Stage 2 (the main job): distil the teacher into the RandLA-Net ⊕ GCN student.
+
+``lightning fit --config experiments/distill.yaml`` loads the frozen teacher from
+``runs/teacher/latest/checkpoints/last.ckpt`` (or ``model.init_args.teacher_ckpt``) and trains
+:class:`models.student.Student` on the teacher's canonical points with (DESIGN.md, "Distillation
+losses")
+
+    L = λ_gt L_gt + λ_out L_out + λ_feat L_feat + λ_graph L_graph
+
+- L_gt: RGB L1 (GT on white), mask L1 and 1 - SSIM of the student's render against the frames;
+- L_out: albedo L1, normal 1 - cos, blendshape/offset MSE and render L1, student vs teacher;
+- L_feat: ||A(f_s) - f_t||^2 with a 1x1 adapter A (not counted in the student's parameters);
+- L_graph: edge-difference and local-relation matching on the student's level-0 kNN graph over the
+  whole canonical cloud (k = 16, built once), at M random anchors per step.
+
+A weight of 0 switches a term off (``--model.init_args.loss_weights.graph=0``). The teacher stays
+in eval mode with ``requires_grad=False``; its canonical outputs are computed once. The student's
+checkpoint carries everything the GAR stage and export need (``checkpoint["student"]``: class,
+init args and state dict with the canonical points, their kNN graph and E), never the teacher.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
+from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from lightning_modules.run_folder import upstream_checkpoint
+from lightning_modules.teacher import TeacherModule, check_finite_losses, pixel_radius
+from models.adapters import FeatureAdapter
+from models.losses import (
+    distillation_loss,
+    feature_distillation_loss,
+    graph_distillation_loss,
+    mask_loss,
+    masked_l1,
+    output_distillation_loss,
+    ssim_loss,
+)
+from models.rasterizer import PointRasterizer
+from models.student import CanonicalForward, Student, StudentCanonical
+from models.teacher import CanonicalOutput, PointAvatarTeacher
+
+__all__ = ["DistillModule", "load_student", "student_flop_target"]
+
+DEFAULT_LOSS_WEIGHTS = {"gt": 1.0, "out": 1.0, "feat": 1.0, "graph": 1.0}
+DEFAULT_GT_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2}
+
+
+def load_student(path: str, map_location: str | torch.device = "cpu") -> Student:
+    """The student of a distillation checkpoint, without the teacher (GAR stage, export).
+
+    Raises:
+        KeyError: when the checkpoint holds no student (not made by the distillation stage).
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if "student" not in checkpoint:
+        raise KeyError(f"{path} holds no student: make one with `lightning fit --config experiments/distill.yaml`")
+    entry = checkpoint["student"]
+    student = Student(**entry["init_args"])
+    student.load_state_dict(entry["state_dict"])
+    return student
+
+
+class _StudentFrame(torch.nn.Module):
+    """One frame of the student from cached canonical outputs: deformation and shading (for counting)."""
+
+    def __init__(self, student: Student, canonical: StudentCanonical) -> None:
+        super().__init__()
+        self.shading = student.shading
+        object.__setattr__(self, "_student", student)
+        self.canonical = canonical
+
+    def forward(self, expression: torch.Tensor, world_mat: torch.Tensor):
+        return self._student.deform(self.canonical, expression), self._student.shade(self.canonical, world_mat)
+
+
+def student_flop_target(student: Student) -> FlopTarget:
+    """The student's :class:`FlopTarget` (canonical forward and one frame, counted like the teacher's).
+
+    The canonical count runs the student on ``n`` points of a sphere with their own graph (kNN and
+    sampling are per-subject preprocessing, not counted); per frame: deformation and shading of
+    the held canonical outputs (the rasterizer is left out, as for the teacher).
+    """
+    like = student.points
+
+    def canonical(n: int):
+        points = sphere_points(n, like)
+        graph = student.build_graph(points)
+        return count_flops(CanonicalForward(student), (points, *graph.tensors()))
+
+    def per_frame(n: int):
+        with torch.no_grad():
+            cached = student.canonical()
+        expression = like.new_zeros(1, student.expression_dim)
+        world_mat = torch.eye(3, 4, dtype=like.dtype, device=like.device)[None].clone()
+        world_mat[0, 2, 3] = 4.0
+        return count_flops(_StudentFrame(student, cached), (expression, world_mat))
+
+    return FlopTarget(
+        canonical=canonical,
+        num_points=student.num_points,
+        params=sum(p.numel() for p in student.canonical_network_parameters()),
+        per_frame=per_frame,
+    )
+
+
+class DistillModule(pl.LightningModule):
+    """Knowledge distillation of the teacher avatar into the student.
+
+    Args:
+        expression_dim, image_size: from the datamodule (linked by the CLI); ``expression_dim``
+            must equal the teacher's.
+        teacher_ckpt: the teacher checkpoint (default ``runs/teacher/latest/checkpoints/last.ckpt``).
+        student: init args of :class:`models.student.Student` that differ from its defaults
+            (``expression_dim`` comes from the teacher).
+        loss_weights: λ of {gt, out, feat, graph}; 0 switches a term off.
+        gt_weights: weights inside L_gt: {rgb, mask, ssim}.
+        graph_anchors: M anchor points of L_graph per step (clamped to N).
+        graph_tau: temperature of the local-relation softmax.
+        points_per_pixel: rasterizer setting (the teacher's default, 10).
+        lr, lr_milestones, lr_gamma: Adam on the student and the adapter, MultiStepLR over epochs.
+        seed: seeds the anchor sampling (one generator per step: resumable).
+
+    Raises:
+        UpstreamMissingError: no teacher checkpoint (one line naming the command that makes it).
+        ValueError: unknown loss names, or a dataset whose E differs from the teacher's.
+    """
+
+    stage = "distill"
+    monitor = "student/val/psnr"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        expression_dim: int = 16,
+        image_size: int = 128,
+        teacher_ckpt: str | None = None,
+        student: dict[str, Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        gt_weights: dict[str, float] | None = None,
+        graph_anchors: int = 4096,
+        graph_tau: float = 0.1,
+        points_per_pixel: int = 10,
+        lr: float = 1e-3,
+        lr_milestones: tuple[int, ...] = (40, 60),
+        lr_gamma: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, given, known in (
+            ("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS),
+            ("gt_weights", gt_weights, DEFAULT_GT_WEIGHTS),
+        ):
+            unknown = set(given or {}) - set(known)
+            if unknown:
+                raise ValueError(f"unknown {name} {sorted(unknown)}; known: {sorted(known)}")
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        self.gt_weights = {**DEFAULT_GT_WEIGHTS, **(gt_weights or {})}
+
+        path = upstream_checkpoint(teacher_ckpt, "teacher", "teacher_ckpt")
+        self.teacher: PointAvatarTeacher = TeacherModule.load_from_checkpoint(path, map_location="cpu").teacher
+        self.teacher.requires_grad_(False).eval()
+        if self.teacher.expression_dim != expression_dim:
+            raise ValueError(
+                f"the dataset's expression_dim {expression_dim} differs from the teacher's "
+                f"{self.teacher.expression_dim} ({path}): distil on the teacher's dataset"
+            )
+        # the teacher's canonical outputs, once per subject (not saved: recomputed from the teacher)
+        with torch.no_grad():
+            canonical = self.teacher.canonical(method="explicit")
+        for name in ("points", "albedo", "normals", "feature", "blendshapes", "offset"):
+            self.register_buffer(f"teacher_{name}", getattr(canonical, name).detach().clone(), persistent=False)
+
+        self.student_init_args = {**(student or {}), "expression_dim": self.teacher.expression_dim}
+        self.student = Student(**self.student_init_args)
+        self.student.set_canonical(self.teacher_points, radius=self.teacher.radius)
+        self.adapter = FeatureAdapter(self.student.latent_dim, self.teacher_feature.shape[1])
+        self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
+        self.metrics = HeldOutMetrics(("baseline_mean", "teacher", "student"))
+        self.strict_loading = False  # checkpoints omit the frozen teacher
+        self._eval_student: StudentCanonical | None = None
+        self._evaluated_splits: set[str] = set()
+        self._ms_per_frame: dict[str, float] = {}
+
+    # -- the frozen teacher ------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # never leaves eval mode
+        return self
+
+    def teacher_canonical(self) -> CanonicalOutput:
+        """The cached canonical outputs of the teacher (detached)."""
+        return CanonicalOutput(
+            points=self.teacher_points, indices=None, sdf=None, albedo=self.teacher_albedo,
+            feature=self.teacher_feature, sdf_grad=None, normals=self.teacher_normals,
+            blendshapes=self.teacher_blendshapes, offset=self.teacher_offset,
+        )
+
+    # -- rendering ----------------------------------------------------------------------------------
+    def _raster(self, out: dict, batch, radius: torch.Tensor, extra: torch.Tensor | None = None):
+        features = out["colors"] if extra is None else torch.cat([out["colors"], extra], -1)
+        r_px = pixel_radius(out["points"], batch.world_mat, batch.K, radius)
+        return self.rasterizer(out["points"], features, batch.world_mat, batch.K, radius=r_px)
+
+    def render_student(self, batch, canonical: StudentCanonical | None = None):
+        out = self.student(batch.expression, batch.world_mat, canonical=canonical)
+        return out, self._raster(out, batch, self.student.radius)
+
+    @torch.no_grad()
+    def render_teacher(self, batch):
+        out = self.teacher(batch.expression, batch.world_mat, canonical=self.teacher_canonical())
+        return out, self._raster(out, batch, self.teacher.radius)
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        canonical = self.student.canonical()
+        s_out, s_raster = self.render_student(batch, canonical)
+        s_rgb = s_raster.image[:, :3]
+        w, wg = self.loss_weights, self.gt_weights
+        terms: dict[str, torch.Tensor] = {}
+        logs: dict[str, torch.Tensor] = {}
+        if w["gt"] > 0:
+            target = composite_on_white(batch.image, batch.mask)
+            gt = {"rgb": masked_l1(s_rgb, target), "mask": mask_loss(s_raster.alpha, batch.mask)}
+            if wg["ssim"] > 0:
+                gt["ssim"] = ssim_loss(s_rgb, target)
+            terms["gt"] = sum(wg[k] * v for k, v in gt.items())
+            logs.update({f"gt_{k}": v for k, v in gt.items()})
+        if w["out"] > 0:
+            _, t_raster = self.render_teacher(batch)
+            out = output_distillation_loss(
+                canonical.albedo, self.teacher_albedo, canonical.normals, self.teacher_normals,
+                canonical.blendshapes, self.teacher_blendshapes, canonical.offset, self.teacher_offset,
+                s_rgb, t_raster.image[:, :3],
+            )
+            terms["out"] = out.pop("total")
+            logs.update({f"out_{k}": v for k, v in out.items()})
+        if w["feat"] > 0 or w["graph"] > 0:
+            adapted = self.adapter(canonical.feature)  # (N, 256)
+            if w["feat"] > 0:
+                terms["feat"] = feature_distillation_loss(adapted, self.teacher_feature)
+            if w["graph"] > 0:
+                generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+                graph = graph_distillation_loss(
+                    adapted, self.teacher_feature, self.student.graph_neighbors_0,
+                    num_anchors=self.hparams.graph_anchors, generator=generator, tau=self.hparams.graph_tau,
+                )
+                terms["graph"] = graph.pop("total")
+                logs.update({f"graph_{k}": v for k, v in graph.items()})
+        check_finite_losses(terms, self.global_step)
+        loss = distillation_loss(terms, w)
+        logs.update(terms)
+        self.log_dict({f"distill/train/{k}": v for k, v in logs.items()}, batch_size=len(batch))
+        self.log("distill/train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _eval_step(self, batch) -> None:
+        if self._eval_student is None:  # per subject: once per evaluation epoch
+            self._eval_student = self.student.canonical()
+        _, s_raster = self.render_student(batch, self._eval_student)
+        _, t_raster = self.render_teacher(batch)
+        self.metrics.update("student", s_raster.image[:, :3], batch.image, batch.mask)
+        self.metrics.update("teacher", t_raster.image[:, :3], batch.image, batch.mask)
+        mean_fn = getattr(getattr(self.trainer, "datamodule", None), "mean_train_image", None)
+        if callable(mean_fn):
+            baseline = composite_on_white(mean_fn().to(batch.image).expand_as(batch.image), batch.mask)
+            self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        self.log_dict(self.metrics.compute(split))
+        self.metrics.reset()
+        self._eval_student = None
+        if not self.trainer.sanity_checking:
+            self._evaluated_splits.add(split)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+        if batch_idx == 0:
+            self._time_frames(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @torch.no_grad()
+    def _time_frames(self, batch, repeats: int = 3) -> None:
+        """Milliseconds per frame of the per-frame path (deform, shade, rasterize; canonical cached)."""
+        one = type(batch)(**{k: v[:1] for k, v in vars(batch).items()})
+        cached = self.student.canonical()
+        for name, render in (("teacher", self.render_teacher), ("student", lambda b: self.render_student(b, cached))):
+            render(one)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                render(one)
+            self._ms_per_frame[name] = 1000 * (time.perf_counter() - start) / repeats
+
+    @torch.no_grad()
+    def visualize(self, batch) -> dict[str, torch.Tensor]:
+        """Grid columns: ground truth | teacher | student | student normals, (B, 3, H, W)."""
+        cached = self._eval_student or self.student.canonical()
+        s_out = self.student(batch.expression, batch.world_mat, canonical=cached)
+        s_raster = self._raster(s_out, batch, self.student.radius, extra=s_out["normals_cam"] * 0.5 + 0.5)
+        _, t_raster = self.render_teacher(batch)
+        return {
+            "ground_truth": composite_on_white(batch.image, batch.mask),
+            "teacher": t_raster.image[:, :3],
+            "student": s_raster.image[:, :3],
+            "student_normals": s_raster.image[:, 3:6],
+        }
+
+    def run_metrics(self) -> dict[str, float | int | None]:
+        metrics: dict[str, float | int | None] = {
+            "num_points": self.student.num_points,
+            "params/student": sum(p.numel() for p in self.student.canonical_network_parameters()),
+            "params/teacher": sum(p.numel() for p in self.teacher.canonical_network_parameters()),
+        }
+        metrics["params_ratio"] = metrics["params/student"] / metrics["params/teacher"]
+        for name, ms in self._ms_per_frame.items():
+            metrics[f"ms_per_frame/{name}"] = ms
+        for split in self._evaluated_splits:
+            metrics[f"teacher/{split}/lpips"] = None
+            metrics[f"student/{split}/lpips"] = None
+        return metrics
+
+    def flop_targets(self) -> dict[str, FlopTarget]:
+        """Teacher and student for the :class:`~lightning_modules.flops.FlopCounter` (unwrapped modules)."""
+        return {"teacher": teacher_flop_target(self.teacher), "student": student_flop_target(self.student)}
+
+    # -- optimisation and checkpoints ------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [*self.student.parameters(), *self.adapter.parameters()]
+        optimizer = torch.optim.Adam(params, lr=hp.lr)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["student"] = {
+            "class_path": f"{Student.__module__}.{Student.__qualname__}",
+            "init_args": dict(self.student_init_args),
+            "state_dict": self.student.state_dict(),
+            "expression_dim": self.student.expression_dim,
+        }
+        checkpoint["num_points"] = self.student.num_points
