@@ -509,7 +509,8 @@ class AvatarDataModule(pl.LightningDataModule):
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
         split_counts(100, test_fraction, val_fraction)  # validates the fractions
-        self.save_hyperparameters()
+        # expression_dim is logged through the model (linked, resolved); None here would clash with it
+        self.save_hyperparameters(ignore=["expression_dim"])
         self.data_root = Path(data_root)
         self.video = video
         if dataset_name is None:

@@ -12,7 +12,8 @@ override earlier ones. The run-location keys (``run_dir``, ``run_name``, ``runs_
 every run gets a fresh folder (see :mod:`lightning_modules.run_folder`).
 
 A stage module declares ``stage`` (its folder under ``runs/``) and may declare ``monitor`` /
-``monitor_mode`` (the metric that selects ``best.ckpt``). Every datamodule exposes
+``monitor_mode`` (the metric that selects ``best.ckpt``) and ``upstream = (stage, init_arg)``
+(the stage whose checkpoint it loads, checked before a run folder is made). Every datamodule exposes
 ``expression_dim`` and ``image_size``, linked into the model's init args at instantiation.
 """
 
@@ -39,6 +40,7 @@ from lightning_modules.run_folder import (
     UpstreamMissingError,
     point_latest,
     resolve_run_dir,
+    upstream_checkpoint,
 )
 
 __all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
@@ -46,14 +48,18 @@ __all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
 _RUN_KEYS = ("run_dir", "run_name")
 
 
+def _model_class(class_path: str) -> type:
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def stage_of(class_path: str) -> str:
     """The run-folder stage name of a LightningModule given by its ``class_path``.
 
     The class attribute ``stage`` when set, else the class name in lower case.
     """
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return getattr(cls, "stage", None) or class_name.lower()
+    cls = _model_class(class_path)
+    return getattr(cls, "stage", None) or cls.__name__.lower()
 
 
 def _global_rank() -> int:
@@ -105,6 +111,15 @@ class AvatarCLI(LightningCLI):
         self.stage = stage_of(cfg.model.class_path)
         self.runs_root = cfg.runs_root
 
+        # a stage that builds on another checks its checkpoint before any folder is made
+        upstream = getattr(_model_class(cfg.model.class_path), "upstream", None)
+        if upstream is not None:
+            upstream_stage, key = upstream
+            try:
+                upstream_checkpoint(cfg.model.init_args.get(key), upstream_stage, key, cfg.runs_root)
+            except UpstreamMissingError as err:
+                self.parser.error(str(err))
+
         clean = copy.deepcopy(cfg)
         for key in _RUN_KEYS:
             clean[key] = None
@@ -145,14 +160,6 @@ class AvatarCLI(LightningCLI):
                 logger.init_args.name = ""
                 logger.init_args.version = "csv"
         self._config_text = config_text if _global_rank() == 0 else None
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except UpstreamMissingError as err:
-            if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()  # leave no empty run folder behind
-            self.parser.error(str(err))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]

@@ -132,6 +132,7 @@ class DistillModule(pl.LightningModule):
     """
 
     stage = "distill"
+    upstream = ("teacher", "teacher_ckpt")
     monitor = "student/val/psnr"
     monitor_mode = "max"
 

@@ -165,3 +165,15 @@ def canonical_obj_path(shared_data, tmp_path_factory) -> Path:
     if shared_data is not None and (shared_data / CANONICAL_RELPATH).is_file():
         return shared_data / CANONICAL_RELPATH
     return write_canonical_standin(tmp_path_factory.mktemp("canonical"))
+
+
+@pytest.fixture(scope="session")
+def distill_run(teacher_run, tmp_path_factory) -> Path:
+    """A real distillation run for one step on the one-step teacher (its run folder)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "distill_1step"
+    run_stage(
+        "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+        "--trainer.max_steps=1", "--run_dir", str(run_dir),
+    )
+    return run_dir

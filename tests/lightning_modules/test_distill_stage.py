@@ -1,0 +1,73 @@
+"""The distillation stage on a real one-step teacher: frozen teacher, student checkpoint, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_modules.distill import DistillModule, load_student
+from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
+
+
+def test_missing_teacher_is_one_line_naming_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_stage("fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lightning fit --config experiments/teacher.yaml" in err and "runs/teacher/latest" in err
+    assert not (tmp_path / "runs").exists()  # checked before any run folder is made
+
+
+def test_teacher_is_frozen_and_bitwise_unchanged(teacher_run, distill_run):
+    teacher_ckpt = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)
+    module = DistillModule.load_from_checkpoint(
+        distill_run / "checkpoints" / "last.ckpt", teacher_ckpt=str(teacher_run / "checkpoints" / "last.ckpt")
+    )
+    module.train()
+    assert not module.teacher.training  # train() never takes the teacher out of eval mode
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    for name, value in module.teacher.state_dict().items():
+        assert torch.equal(value, teacher_ckpt["state_dict"][f"teacher.{name}"]), name
+    distill_ckpt = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in distill_ckpt["state_dict"])  # never saved
+
+
+def test_student_checkpoint_is_self_contained(teacher_run, distill_run):
+    ckpt = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)
+    entry = ckpt["student"]
+    teacher_ckpt = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)
+    n = teacher_ckpt["num_points"]
+    assert entry["expression_dim"] == 4 and entry["state_dict"]["points"].shape == (n, 3)
+    assert entry["state_dict"]["graph_neighbors_0"].shape == (n, 16)  # the kNN indices, k = 16
+    student = load_student(distill_run / "checkpoints" / "last.ckpt").eval()
+    active = teacher_ckpt["state_dict"]["teacher.active"]
+    assert torch.equal(student.points, teacher_ckpt["state_dict"]["teacher.points"][active])
+    out = student(torch.zeros(1, 4), torch.eye(3, 4)[None] + torch.tensor([0, 0, 0, 2.0]).expand(3, 4) * 0)
+    assert out["colors"].shape == (1, n, 3) and torch.isfinite(out["colors"]).all()
+
+
+def test_report_has_both_models_and_the_ratios(distill_run):
+    metrics = json.loads((distill_run / "metrics.json").read_text())
+    for model in ("student", "teacher", "baseline_mean"):
+        assert isinstance(metrics[f"{model}/val/psnr"], float)
+    assert metrics["params_ratio"] == metrics["params/student"] / metrics["params/teacher"]
+    assert metrics["flops_ratio"] == metrics["flops/student"] / metrics["flops/teacher"]
+    assert metrics["params_ratio"] <= 0.05 and metrics["flops_ratio"] <= 0.10  # the targets, from the counter
+    assert metrics["flops_run/teacher"] < metrics["flops/teacher"]  # the run's cloud is smaller than 10,000
+    assert metrics["num_points"] > 0 and metrics["flops_per_frame/student"] > 0
+
+
+def test_loss_terms_switch_off_from_the_command_line(teacher_run, tmp_path):
+    cli = run_stage(
+        "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.loss_weights.graph=0", "--model.init_args.loss_weights.feat=0",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
+        "--run_dir", str(tmp_path / "nograph"),
+    )
+    logged = set(cli.trainer.callback_metrics)
+    assert "distill/train/gt" in logged and "distill/train/out" in logged
+    assert not any(k.startswith("distill/train/graph") or k == "distill/train/feat" for k in logged)
+    assert cli.model.loss_weights == {"gt": 1.0, "out": 1.0, "feat": 0.0, "graph": 0.0}
