@@ -199,7 +199,7 @@ def _check_points(x: torch.Tensor, name: str, op: str) -> torch.Tensor:
         raise ValueError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
     if x.shape[1] < 1:
         raise ValueError(f"{op}: {name} must have at least one coordinate per point, got {tuple(x.shape)}")
-    if _checks_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
+    if _checks_enabled() and x.numel() and not bool(torch.isfinite(x).all()):  # skipped while tracing
         raise ValueError(f"{op}: {name} holds NaN or infinite coordinates; clean the cloud first")
     return x
 
@@ -232,7 +232,7 @@ def _check_index(index: torch.Tensor, size: int, op: str, name: str = "index") -
         raise ValueError(f"{op}: {name} must be an integer tensor")
     index = index.long()
     # Range check where it is cheap and cannot stall a GPU stream; negative indices would wrap.
-    if index.numel() and index.device.type == "cpu" and _checks_enabled():
+    if _checks_enabled() and index.device.type == "cpu" and index.numel():  # no tracer warning
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= size:
             raise ValueError(f"{op}: {name} values must lie in [0, {size}), got [{lo}, {hi}]")
