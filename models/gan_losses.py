@@ -1,0 +1,318 @@
+"""Losses of the GAR stage (pure functions of tensors) and a discriminator-collapse monitor.
+
+* adversarial losses for G and D, non-saturating logistic (Goodfellow et al., NeurIPS 2014, as
+  in StyleGAN2, Karras et al. CVPR 2020) or hinge (Lim & Ye 2017; Miyato et al. ICLR 2018),
+  always computed in float32 with autocast disabled, whatever the logits' dtype (DESIGN.md,
+  "Scale": GAN losses in fp32);
+* R1 gradient penalty (Mescheder et al., ICML 2018), lazy as in StyleGAN2;
+* GAR's normal-consistency loss (Piao et al., CVPR 2021), with our learnable
+  :class:`models.encoder.NormalEstimator` in place of GAR's pretrained estimator;
+* z-swap loss: G(inputs_a, z_b) must keep a's geometry and let E recover z_b (our L1/MSE form of
+  GAR's contrastive separation of z from the normals);
+* :class:`CollapseMonitor`: flags a discriminator whose loss stays near 0 (pure Python).
+
+Logits may be one tensor or a list of tensors (one per discriminator scale, as
+:class:`models.discriminator.MultiScalePatchDiscriminator` returns); a loss over a list is the
+mean over scales of the per-scale loss, each a mean over its batch and patches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CollapseMonitor",
+    "ZSwapLoss",
+    "d_loss",
+    "g_loss",
+    "normal_consistency_loss",
+    "r1_penalty",
+    "z_swap_loss",
+    "z_swap_permutation",
+]
+
+KINDS = ("logistic", "hinge")
+Logits = Tensor | Sequence[Tensor]
+
+
+def _as_list(logits: Logits, name: str) -> list[Tensor]:
+    out = [logits] if isinstance(logits, Tensor) else list(logits)
+    if not out or not all(isinstance(t, Tensor) for t in out):
+        raise ValueError(f"{name} must be a tensor or a non-empty list of tensors (one per discriminator scale)")
+    return out
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} ('logistic' is the non-saturating loss), got {kind!r}")
+
+
+def _fp32(t: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``t``'s device (float32 maths inside)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def d_loss(real_logits: Logits, fake_logits: Logits, kind: str = "logistic") -> Tensor:
+    """Discriminator loss.
+
+    logistic: mean softplus(-D(x)) + mean softplus(D(G(z)))  (= -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))));
+    hinge:    mean relu(1 - D(x)) + mean relu(1 + D(G(z))).
+
+    Args:
+        real_logits, fake_logits: D's logits on real and generated images: tensors of any shape
+            (e.g. (B, 1, h, w) patch maps) or lists of them, one per scale (same length), any
+            float dtype.
+        kind: "logistic" (non-saturating) or "hinge".
+
+    Returns:
+        scalar float32 (upcast inside, autocast disabled); the mean over scales.
+
+    Raises:
+        ValueError: on an unknown kind or lists of different lengths.
+    """
+    _check_kind(kind)
+    real, fake = _as_list(real_logits, "real_logits"), _as_list(fake_logits, "fake_logits")
+    if len(real) != len(fake):
+        raise ValueError(f"real_logits has {len(real)} scales but fake_logits has {len(fake)}")
+    with _fp32(real[0]):
+        total = real[0].new_zeros((), dtype=torch.float32)
+        for r, f in zip(real, fake):
+            r, f = r.float(), f.float()
+            if kind == "logistic":
+                total = total + F.softplus(-r).mean() + F.softplus(f).mean()
+            else:
+                total = total + F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean()
+        return total / len(real)
+
+
+def g_loss(fake_logits: Logits, kind: str = "logistic") -> Tensor:
+    """Generator loss: logistic (non-saturating) mean softplus(-D(G(z))); hinge -mean D(G(z)).
+
+    Args:
+        fake_logits: D's logits on generated images, a tensor or a list per scale, any float dtype.
+        kind: "logistic" or "hinge".
+
+    Returns:
+        scalar float32 (upcast inside, autocast disabled); the mean over scales.
+
+    Raises:
+        ValueError: on an unknown kind.
+    """
+    _check_kind(kind)
+    fake = _as_list(fake_logits, "fake_logits")
+    with _fp32(fake[0]):
+        total = fake[0].new_zeros((), dtype=torch.float32)
+        for f in fake:
+            f = f.float()
+            total = total + (F.softplus(-f).mean() if kind == "logistic" else -f.mean())
+        return total / len(fake)
+
+
+def r1_penalty(real_logits: Logits, real_images: Tensor) -> Tensor:
+    """R1 gradient penalty E_x ||∇_x D(x)||^2 on real images (Mescheder et al., ICML 2018, Eq. 9).
+
+    D(x) of one image is its mean logit over patches, averaged over scales (the quantity the
+    adversarial losses average), so a one-logit discriminator gives StyleGAN2's R1 exactly. The
+    gradient is built with ``create_graph=True``: the result back-propagates into D.
+
+    Lazy regularisation (StyleGAN2, Karras et al. CVPR 2020, Sec. 3.1): the stage evaluates this
+    every k D steps only and adds ``(gamma / 2) * k * r1_penalty(...)`` to the D loss of that step;
+    this function returns the bare penalty (no gamma, no k).
+
+    Args:
+        real_logits: D(real_images): a tensor (B, ...) or a list of them per scale.
+        real_images: (B, C, H, W) the images D saw, with ``requires_grad=True`` set before D's
+            forward (only these are differentiated, not a condition input).
+
+    Returns:
+        scalar float32: mean over the batch of sum over pixels and channels of the squared gradient.
+
+    Raises:
+        ValueError: when ``real_images`` does not require grad or a logit's batch size differs.
+    """
+    if not real_images.requires_grad:
+        raise ValueError("real_images must have requires_grad=True before D's forward for the R1 penalty")
+    logits = _as_list(real_logits, "real_logits")
+    b = real_images.shape[0]
+    for t in logits:
+        if t.shape[0] != b:
+            raise ValueError(f"logits of batch {t.shape[0]} for {b} images")
+    with _fp32(real_images):
+        per_image = sum(t.float().reshape(b, -1).mean(dim=1) for t in logits) / len(logits)  # (B,)
+        (grad,) = torch.autograd.grad(per_image.sum(), real_images, create_graph=True)
+        return grad.float().square().reshape(b, -1).sum(dim=1).mean()
+
+
+def normal_consistency_loss(pred_normals: Tensor, target_normals: Tensor, mask: Tensor | None = None) -> Tensor:
+    """GAR's normal consistency: masked mean of 1 - cos(pred, target) per pixel (Piao et al., CVPR 2021).
+
+    ``pred_normals`` are the normals a :class:`models.encoder.NormalEstimator` estimates from an
+    image (G's output, or a real frame when training the estimator); ``target_normals`` the
+    rasterized camera-space normal map G was given. Neither needs unit length (cosine; a zero
+    vector counts as cos = 0). When this loss trains G, the stage keeps the estimator fixed for
+    that term (its optimiser steps only on real frames), or the estimator could learn to read the
+    normals off G's artefacts instead of the shading.
+
+    Args:
+        pred_normals, target_normals: (B, 3, H, W) float.
+        mask: (B, 1, H, W) weights in [0, 1] (the rasterized alpha or the head mask); None: all pixels.
+
+    Returns:
+        scalar float32 in [0, 2]: 0 for parallel normals, 1 orthogonal, 2 opposite; 0 for an empty mask.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    if pred_normals.dim() != 4 or pred_normals.shape[1] != 3 or pred_normals.shape != target_normals.shape:
+        raise ValueError(
+            f"normals must both be (B, 3, H, W), got {tuple(pred_normals.shape)} and {tuple(target_normals.shape)}"
+        )
+    b, _, h, w = pred_normals.shape
+    if mask is not None and mask.shape != (b, 1, h, w):
+        raise ValueError(f"mask must be (B, 1, H, W) = {(b, 1, h, w)}, got {tuple(mask.shape)}")
+    with _fp32(pred_normals):
+        cos = F.cosine_similarity(pred_normals.float(), target_normals.float(), dim=1, eps=1e-8)  # (B, H, W)
+        err = 1.0 - cos
+        if mask is None:
+            return err.mean()
+        weight = mask.float()[:, 0]  # (B, H, W)
+        return (err * weight).sum() / weight.sum().clamp_min(1e-8)
+
+
+class ZSwapLoss(NamedTuple):
+    """The z-swap loss and its parts (scalars, float32): total = normal_weight * normal + z_weight * z."""
+
+    total: Tensor
+    normal: Tensor
+    z: Tensor
+
+
+def z_swap_permutation(batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """A random derangement of the batch (perm[i] != i): frame i takes the z of frame perm[i].
+
+    A uniformly random cycle through all B frames (random order, each frame's successor).
+
+    Args:
+        batch_size: B >= 2.
+        generator: optional torch.Generator for reproducible draws (CPU).
+        device: device of the result.
+
+    Returns:
+        (B,) int64 permutation without fixed points.
+
+    Raises:
+        ValueError: when B < 2 (no swap exists).
+    """
+    if batch_size < 2:
+        raise ValueError(f"z-swap needs a batch of at least 2 frames, got {batch_size}")
+    order = torch.randperm(batch_size, generator=generator)
+    perm = torch.empty_like(order)
+    perm[order] = order.roll(-1)  # perm[order[i]] = order[i + 1]
+    return perm.to(device) if device is not None else perm
+
+
+def z_swap_loss(
+    swapped_normals: Tensor,
+    normals_a: Tensor,
+    mask_a: Tensor | None,
+    z_recovered: Tensor,
+    z_b: Tensor,
+    normal_weight: float = 1.0,
+    z_weight: float = 1.0,
+    normalize_z: bool = True,
+    eps: float = 1e-8,
+) -> ZSwapLoss:
+    """z-swap loss: G(inputs_a, z_b) keeps a's geometry and carries b's z.
+
+    Our L1/MSE form of GAR's constraint that z must not carry the geometry (Piao et al., CVPR 2021,
+    where a contrastive loss separates z from the normals). With x_ab = G(inputs_a, z_b):
+
+    * normal = normal_consistency_loss(NormalEstimator(x_ab), normals_a, mask_a): swapping z must
+      not move the geometry;
+    * z = ||E_z(x_ab) - z_b||^2 averaged over elements, divided (``normalize_z``) by the mean of
+      z_b^2 (detached): a relative error, so E cannot satisfy it by shrinking every z. z_b is a
+      target (detached): the gradient reaches G and E through x_ab and E_z(x_ab) only.
+
+    Args:
+        swapped_normals: (B, 3, H, W) normals estimated from x_ab.
+        normals_a: (B, 3, H, W) the rasterized normal maps G was given.
+        mask_a: (B, 1, H, W) their alpha/mask, or None.
+        z_recovered: (B, z_dim) E_z(x_ab).
+        z_b: (B, z_dim) the codes fed to G (e.g. ``z[z_swap_permutation(B)]``).
+        normal_weight, z_weight: weights of the two parts in ``total``.
+        normalize_z: divide the z error by mean(z_b^2).
+        eps: added to that denominator.
+
+    Returns:
+        :class:`ZSwapLoss` (total, normal, z), scalar float32 tensors.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    if z_recovered.dim() != 2 or z_recovered.shape != z_b.shape:
+        raise ValueError(f"z_recovered and z_b must both be (B, z_dim), got {tuple(z_recovered.shape)} and {tuple(z_b.shape)}")
+    normal = normal_consistency_loss(swapped_normals, normals_a, mask_a)
+    with _fp32(z_b):
+        target = z_b.detach().float()
+        z_err = (z_recovered.float() - target).square().mean()
+        if normalize_z:
+            z_err = z_err / (target.square().mean() + eps)
+        total = normal_weight * normal + z_weight * z_err
+    return ZSwapLoss(total, normal, z_err)
+
+
+class CollapseMonitor:
+    """Flags discriminator collapse: the D loss below ``threshold`` for ``patience`` consecutive steps.
+
+    A D loss near 0 (logistic or hinge) means D separates real from fake perfectly and G gets no
+    useful gradient. The stage logs the flag as ``gar/d_collapse`` (a health signal, DESIGN.md).
+    Pure Python: no tensors kept, no lightning.
+
+    Args:
+        threshold: D-loss level counted as collapsed (1e-2).
+        patience: consecutive steps below ``threshold`` before :meth:`update` returns True.
+
+    Raises:
+        ValueError: when threshold <= 0 or patience < 1.
+    """
+
+    def __init__(self, threshold: float = 1e-2, patience: int = 100) -> None:
+        if not threshold > 0 or patience < 1:
+            raise ValueError(f"need threshold > 0 and patience >= 1, got {threshold} and {patience}")
+        self.threshold, self.patience = float(threshold), int(patience)
+        self.steps_below = 0
+
+    @property
+    def collapsed(self) -> bool:
+        """True while the D loss has stayed below the threshold for ``patience`` steps or more."""
+        return self.steps_below >= self.patience
+
+    def update(self, d_loss: float) -> bool:
+        """Record one step's D loss (a float or a 0-dim tensor); return :attr:`collapsed`.
+
+        A loss at or above the threshold resets the count; so does a non-finite loss (a NaN is a
+        different failure, not a collapse).
+        """
+        value = float(d_loss)
+        if math.isfinite(value) and value < self.threshold:
+            self.steps_below += 1
+        else:
+            self.steps_below = 0
+        return self.collapsed
+
+    def reset(self) -> None:
+        self.steps_below = 0
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"threshold": self.threshold, "patience": self.patience, "steps_below": self.steps_below}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.threshold, self.patience = float(state["threshold"]), int(state["patience"])
+        self.steps_below = int(state["steps_below"])

@@ -1,0 +1,331 @@
+"""The GAR generator G: rasterized point features + a global code z -> RGB image.
+
+Generative adversarial renderer of "Efficient Realistic Avatar Generation via Model Compression
+and Enhanced Rendering" (ICLR 2024 submission; DESIGN.md, "GAR"), built from two works:
+
+* GAR (Piao et al., CVPR 2021, "Inverting Generative Adversarial Renderer for Face
+  Reconstruction"): render blocks modulated by a low-dimensional code z through a mapping
+  network, the normal map resized to every block, optional per-block noise;
+* NPBG (Aliev et al., ECCV 2020, "Neural Point-Based Graphics"): per-point descriptors (here the
+  student's latent codes f_s) rasterized at several scales and fused by a U-Net.
+
+Modulation is StyleGAN2's modulated convolution with demodulation (Karras et al., CVPR 2020,
+Eq. 1-3), chosen over AdaIN/FiLM because it is what StyleGAN2 and GAR's render blocks use and it
+keeps activations at unit scale without normalisation layers (no batch statistics under DDP):
+
+    w'_{oik} = s_i * w_{oik},   w''_{oik} = w'_{oik} / sqrt(sum_{i,k} w'_{oik}^2 + eps),
+
+computed "non-fused" (scale the input by s, plain convolution, scale the output by the
+demodulation coefficient), which equals the per-sample weight exactly and uses one ordinary
+convolution for the whole batch.
+
+Inputs of :class:`GARGenerator` (the GAR stage rasterizes them with ``models/rasterizer.py``):
+``inputs[s]`` is (B, C_s + 3 + 1, H / 2^s, W / 2^s) for s = 0 .. num_scales - 1, the channels
+being the features f_s (C_s = ``feature_channels``), the camera-space normal map (3) and the alpha
+mask (1) in that order (:func:`pack_raster_inputs`). H and W must be divisible by
+2^(num_scales - 1) (the stage renders square 64 or 128 images).
+
+Default architecture (``feature_channels=32, z_dim=16, num_scales=3, base_channels=32,
+mapping_layers=2, w_dim=64``; channels per level ``min(base * 2^s, 2 * base)`` = 32, 64, 64):
+
+==========  =====================================================  =========================
+block       convolutions (3x3, modulated + demodulated)             resolution
+==========  =====================================================  =========================
+mapping     z 16 -> 64 -> 64 (Linear + LeakyReLU 0.2)                -
+enc 0       (32+4) -> 32, 32 -> 32                                  H
+enc 1       [avgpool(enc 0) 32, input 36] -> 64, 64 -> 64           H/2
+enc 2       [avgpool(enc 1) 64, input 36] -> 64, 64 -> 64           H/4
+dec 1       [up(enc 2) 64, enc 1 64] -> 64, 64 -> 64                H/2
+dec 0       [up(dec 1) 64, enc 0 32] -> 32, 32 -> 32                H
+to_rgb      1x1 modulated, not demodulated, 32 -> 3, sigmoid        H
+==========  =====================================================  =========================
+
+Every modulated convolution has its own affine style layer (w_dim -> its input channels, bias 1
+at init) and an output bias; 389,935 parameters in all at the defaults (in the 0.1-0.5 M range
+asked for a CPU demo). ``up`` is bilinear x2, ``avgpool`` a 2x2 mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["GARGenerator", "MappingNetwork", "ModulatedConv2d", "ema_update", "pack_raster_inputs"]
+
+_LEAK = 0.2
+
+
+def pack_raster_inputs(features: Tensor, normals: Tensor, alpha: Tensor) -> Tensor:
+    """Concatenate the rasterized channels in the order :class:`GARGenerator` expects.
+
+    Args:
+        features: (B, C_s, H, W) rasterized latent codes f_s.
+        normals: (B, 3, H, W) rasterized camera-space normal map (OpenCV camera, alpha-composited).
+        alpha: (B, 1, H, W) accumulated alpha (the rendered mask), in [0, 1].
+
+    Returns:
+        (B, C_s + 4, H, W): [features, normals, alpha].
+
+    Raises:
+        ValueError: when the shapes disagree.
+    """
+    if features.dim() != 4 or normals.dim() != 4 or alpha.dim() != 4:
+        raise ValueError("features, normals and alpha must all be (B, C, H, W) tensors")
+    b, _, h, w = features.shape
+    if normals.shape != (b, 3, h, w) or alpha.shape != (b, 1, h, w):
+        raise ValueError(
+            f"expected normals (B, 3, H, W) and alpha (B, 1, H, W) with (B, H, W) = {(b, h, w)} as the "
+            f"features, got {tuple(normals.shape)} and {tuple(alpha.shape)}"
+        )
+    return torch.cat([features, normals, alpha], dim=1)
+
+
+class MappingNetwork(nn.Module):
+    """z -> w: ``num_layers`` Linear layers with LeakyReLU(0.2) (StyleGAN's mapping network).
+
+    z comes from the inverse encoder E, not from a fixed prior, so its magnitude carries
+    information: unlike StyleGAN, z is not pixel-normalised.
+
+    Args:
+        z_dim: size of z.
+        w_dim: size of w (and of every hidden layer).
+        num_layers: number of Linear layers, >= 1.
+
+    Shapes:
+        z (B, z_dim) -> w (B, w_dim).
+    """
+
+    def __init__(self, z_dim: int, w_dim: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"mapping_layers must be >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers += [nn.Linear(z_dim if i == 0 else w_dim, w_dim), nn.LeakyReLU(_LEAK)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2 modulated convolution (Karras et al., CVPR 2020, Sec. 2.2, Eq. 1-3).
+
+    The style s = A(w) (an affine layer with bias 1 at init) scales every input channel; with
+    ``demodulate`` the result is divided per sample and output channel by
+    sqrt(sum_{i,k} (s_i w_{oik})^2 + eps), so the output has about unit variance for unit-variance
+    inputs whatever the style's scale. Computed non-fused: conv(x * s, w) * d, which equals a
+    convolution with the per-sample weight d_o s_i w_{oik} (tested against it).
+
+    Args:
+        in_channels, out_channels: channel counts.
+        kernel_size: odd kernel size (padding keeps the spatial size).
+        w_dim: size of the style vector w.
+        demodulate: divide by the weight norm (False for the to-RGB layer, as in StyleGAN2).
+        eps: added under the square root.
+
+    Shapes:
+        x (B, in_channels, H, W), w (B, w_dim) -> (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        w_dim: int,
+        demodulate: bool = True,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.demodulate, self.eps = demodulate, eps
+        fan_in = in_channels * kernel_size * kernel_size
+        # Demodulated weights are scale-free; the to-RGB layer starts at unit gain (1 / sqrt(fan_in)).
+        std = 1.0 if demodulate else 1.0 / math.sqrt(fan_in)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size) * std)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.affine = nn.Linear(w_dim, in_channels)
+        nn.init.ones_(self.affine.bias)
+
+    def style(self, w: Tensor) -> Tensor:
+        """s = A(w): (B, w_dim) -> (B, in_channels)."""
+        return self.affine(w)
+
+    def forward_with_style(self, x: Tensor, s: Tensor) -> Tensor:
+        """The modulated convolution with an explicit style ``s`` (B, in_channels)."""
+        pad = self.kernel_size // 2
+        y = F.conv2d(x * s[:, :, None, None], self.weight, padding=pad)  # (B, O, H, W)
+        if self.demodulate:
+            wsq = self.weight.square().sum(dim=(2, 3))  # (O, I)
+            d = torch.rsqrt(s.square() @ wsq.t() + self.eps)  # (B, O)
+            y = y * d[:, :, None, None]
+        return y + self.bias[None, :, None, None]
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        return self.forward_with_style(x, self.style(w))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"demodulate={self.demodulate}"
+        )
+
+
+class _RenderBlock(nn.Module):
+    """Two modulated 3x3 convolutions, each followed by optional noise and LeakyReLU(0.2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, use_noise: bool) -> None:
+        super().__init__()
+        self.conv1 = ModulatedConv2d(in_channels, out_channels, 3, w_dim)
+        self.conv2 = ModulatedConv2d(out_channels, out_channels, 3, w_dim)
+        self.use_noise = use_noise
+        if use_noise:  # GAR/StyleGAN2 per-block noise, strength learned per layer, 0 at init
+            self.noise_strength = nn.Parameter(torch.zeros(2))
+
+    def _noise(self, y: Tensor, i: int) -> Tensor:
+        if not (self.use_noise and self.training):
+            return y
+        noise = torch.randn(y.shape[0], 1, y.shape[2], y.shape[3], device=y.device, dtype=y.dtype)
+        return y + self.noise_strength[i] * noise
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        x = F.leaky_relu(self._noise(self.conv1(x, w), 0), _LEAK)
+        return F.leaky_relu(self._noise(self.conv2(x, w), 1), _LEAK)
+
+
+class GARGenerator(nn.Module):
+    """GAR generator: multi-scale rasterized features + normal map + mask, modulated by z -> RGB.
+
+    A U-Net (NPBG, Aliev et al. ECCV 2020) whose encoder level s takes the average-pooled output of
+    level s - 1 concatenated with the rasterized input at that scale, and whose decoder upsamples
+    and concatenates the encoder's skips. Every 3x3 convolution is a StyleGAN2 modulated,
+    demodulated convolution (Karras et al., CVPR 2020) driven by w = mapping(z), as GAR's render
+    blocks (Piao et al., CVPR 2021). The module docstring has the layer table.
+
+    Args:
+        feature_channels: C_s, channels of the student's latent codes f_s.
+        z_dim: size of the global code z (lighting and other factors the geometry does not carry).
+        num_scales: number of input scales (full, 1/2, 1/4, ... resolution) = U-Net levels.
+        base_channels: channels at full resolution; level s has min(base * 2^s, 2 * base).
+        mapping_layers: Linear layers of the mapping network (>= 1).
+        w_dim: size of w.
+        use_noise: per-block noise (GAR). Applied in training mode only, so evaluation is
+            deterministic; off by default.
+
+    Shapes:
+        inputs: list of ``num_scales`` tensors, inputs[s] (B, C_s + 4, H / 2^s, W / 2^s) float,
+        channels [f_s, camera-space normal (3), alpha (1)] (:func:`pack_raster_inputs`);
+        z: (B, z_dim). Output: (B, 3, H, W) RGB in (0, 1) (sigmoid).
+
+    Raises:
+        ValueError: (forward) when the number of scales, a shape or the divisibility of H, W by
+            2^(num_scales - 1) is wrong.
+    """
+
+    def __init__(
+        self,
+        feature_channels: int = 32,
+        z_dim: int = 16,
+        num_scales: int = 3,
+        base_channels: int = 32,
+        mapping_layers: int = 2,
+        w_dim: int = 64,
+        use_noise: bool = False,
+    ) -> None:
+        super().__init__()
+        if feature_channels < 1 or z_dim < 1 or num_scales < 1 or base_channels < 1 or w_dim < 1:
+            raise ValueError(
+                "feature_channels, z_dim, num_scales, base_channels and w_dim must be positive, got "
+                f"{feature_channels}, {z_dim}, {num_scales}, {base_channels}, {w_dim}"
+            )
+        self.feature_channels, self.z_dim, self.num_scales = feature_channels, z_dim, num_scales
+        self.in_channels = feature_channels + 4
+        ch = [min(base_channels * 2**s, 2 * base_channels) for s in range(num_scales)]
+        self.channels = ch
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
+        self.encoder = nn.ModuleList(
+            _RenderBlock(self.in_channels + (ch[s - 1] if s > 0 else 0), ch[s], w_dim, use_noise)
+            for s in range(num_scales)
+        )
+        self.decoder = nn.ModuleList(
+            _RenderBlock(ch[s + 1] + ch[s], ch[s], w_dim, use_noise) for s in range(num_scales - 1)
+        )  # decoder[s] outputs level s
+        self.to_rgb = ModulatedConv2d(ch[0], 3, 1, w_dim, demodulate=False)
+
+    def _check(self, inputs: Sequence[Tensor], z: Tensor) -> None:
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_scales:
+            got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
+            raise ValueError(f"inputs must be a list of {self.num_scales} maps (one per scale), got {got}")
+        x0 = inputs[0]
+        if x0.dim() != 4 or x0.shape[1] != self.in_channels:
+            raise ValueError(
+                f"inputs[0] must be (B, {self.in_channels}, H, W) = features ({self.feature_channels}) + "
+                f"normal (3) + alpha (1), got {tuple(x0.shape)}"
+            )
+        b, _, h, w = x0.shape
+        m = 2 ** (self.num_scales - 1)
+        if h % m or w % m:
+            raise ValueError(
+                f"H and W must be divisible by 2^(num_scales - 1) = {m}, got {h}x{w}: render at a size "
+                "that is a multiple of it (e.g. 64 or 128)"
+            )
+        for s, x in enumerate(inputs):
+            want = (b, self.in_channels, h >> s, w >> s)
+            if tuple(x.shape) != want:
+                raise ValueError(f"inputs[{s}] must be (B, C_s + 4, H/2^{s}, W/2^{s}) = {want}, got {tuple(x.shape)}")
+        if z.shape != (b, self.z_dim):
+            raise ValueError(f"z must be (B, z_dim) = ({b}, {self.z_dim}), got {tuple(z.shape)}")
+
+    def forward(self, inputs: Sequence[Tensor], z: Tensor) -> Tensor:
+        self._check(inputs, z)
+        w = self.mapping(z)  # (B, w_dim)
+        skips = []
+        x = inputs[0]
+        for s, block in enumerate(self.encoder):
+            if s > 0:
+                x = torch.cat([F.avg_pool2d(x, 2), inputs[s]], dim=1)  # (B, ch[s-1] + C_s + 4, H/2^s, W/2^s)
+            x = block(x, w)  # (B, ch[s], H/2^s, W/2^s)
+            skips.append(x)
+        for s in range(self.num_scales - 2, -1, -1):
+            up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = self.decoder[s](torch.cat([up, skips[s]], dim=1), w)  # (B, ch[s], H/2^s, W/2^s)
+        return torch.sigmoid(self.to_rgb(x, w))  # (B, 3, H, W)
+
+
+@torch.no_grad()
+def ema_update(ema_module: nn.Module, module: nn.Module, decay: float) -> None:
+    """Exponential moving average of a module's parameters, in place (the EMA generator).
+
+    ema <- lerp(module, ema, decay), i.e. ema = decay * ema + (1 - decay) * module, via
+    ``torch.lerp(ema, param, 1 - decay)`` for every parameter (as StyleGAN2-ADA's G_ema); buffers
+    are copied as they are (spectral-norm vectors, counters).
+
+    Args:
+        ema_module: the averaged copy (same class and structure as ``module``); updated in place.
+        module: the trained module.
+        decay: in [0, 1]; 0 copies ``module``, 1 leaves ``ema_module`` unchanged.
+
+    Raises:
+        ValueError: when decay is outside [0, 1] or the two modules' parameter/buffer names or
+            shapes differ.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    ema_params, params = dict(ema_module.named_parameters()), dict(module.named_parameters())
+    ema_bufs, bufs = dict(ema_module.named_buffers()), dict(module.named_buffers())
+    if ema_params.keys() != params.keys() or ema_bufs.keys() != bufs.keys():
+        raise ValueError("ema_module and module must have the same parameter and buffer names (an EMA copy)")
+    for name, p in params.items():
+        e = ema_params[name]
+        if e.shape != p.shape:
+            raise ValueError(f"parameter {name!r}: ema shape {tuple(e.shape)} != module shape {tuple(p.shape)}")
+        e.lerp_(p.to(e.dtype), 1.0 - decay)
+    for name, b in bufs.items():
+        ema_bufs[name].copy_(b)
