@@ -1,0 +1,360 @@
+"""Stage 3: the generative adversarial renderer and its inverse (``lightning fit --config experiments/gar.yaml``).
+
+The frozen student (from ``runs/distill/latest/checkpoints/last.ckpt`` or
+``model.init_args.student_ckpt``; its sizes come from that checkpoint) supplies static per-point
+latent codes f_s; each frame deforms the points with an expression code and rasterizes
+[f_s, camera-space normal] at ``num_scales`` resolutions (K scaled per scale). The generator G turns
+those maps and a global code z into RGB; the inverse encoder E maps a frame to (z, expression).
+Manual optimisation, three phases per step (DESIGN.md "GAR"; Piao et al., CVPR 2021):
+
+- G (+E): L1 + w_ssim (1 - SSIM) of G(raster(student(E_expr(x))), E_z(x)) against the frame x (on
+  white under the head mask), expression supervision |E_expr(x) - tracked|^2, the adversarial loss
+  on G's output, normal consistency (a learnable normal estimator N, trained on real frames only,
+  applied to G's output must give back the rasterized normal map), z-swap (G(inputs_a, z_b) keeps
+  a's normals and E recovers z_b) and a small z regulariser;
+- D: non-saturating logistic (or hinge) loss, lazy R1 every ``r1_every`` steps (scaled by it);
+- N: 1 - cos between N(real frame) and the rasterized normal map of the tracked expression.
+
+An EMA copy of G renders for evaluation. Test frames are scored for ``student`` (the student's
+rasterized colours), ``gar`` (z and expression from E) and ``gar_meanz`` (z = the running mean of
+the training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
+loss stays below ``collapse_threshold`` for ``collapse_patience`` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_modules.distill import load_student
+from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from lightning_modules.run_folder import upstream_checkpoint
+from lightning_modules.swd import SlicedWasserstein
+from lightning_modules.teacher import check_finite_losses, pixel_radius
+from models.camera import rotate_normals
+from models.discriminator import MultiScalePatchDiscriminator
+from models.encoder import InverseEncoder, NormalEstimator
+from models.gan_losses import (
+    CollapseMonitor,
+    d_loss,
+    g_loss,
+    normal_consistency_loss,
+    r1_penalty,
+    z_swap_loss,
+    z_swap_permutation,
+)
+from models.losses import masked_l1, ssim_loss
+from models.rasterizer import rasterize_points
+from models.renderer import GARGenerator, ema_update, pack_raster_inputs
+
+__all__ = ["GARModule"]
+
+DEFAULT_LOSS_WEIGHTS = {
+    "l1": 1.0, "ssim": 0.2, "adv": 0.05, "expression": 1.0, "normal": 0.1, "z_swap": 0.1, "z_reg": 1e-3,
+}
+MODELS = ("baseline_mean", "student", "gar", "gar_meanz")
+
+
+class GARModule(pl.LightningModule):
+    """Trains G, D, E (and the normal estimator) on the frozen student's point features.
+
+    Args:
+        expression_dim, image_size: from the datamodule (linked); E must equal the student's.
+        student_ckpt: distillation checkpoint (default ``runs/distill/latest/checkpoints/last.ckpt``).
+        z_dim, num_scales, base_channels, mapping_layers: the generator (:class:`~models.renderer.GARGenerator`).
+        disc_channels, disc_scales: the discriminator; encoder_channels: the inverse encoder.
+        gan_loss: "logistic" (non-saturating) or "hinge".
+        loss_weights: {l1, ssim, adv, expression, normal, z_swap, z_reg}; 0 switches a term off.
+        r1_gamma, r1_every: lazy R1 (gamma / 2 * every * R1 every ``r1_every`` D steps).
+        lr_g, lr_d: Adam learning rates (betas 0, 0.99) of G+E and of D; the normal estimator uses lr_g.
+        ema_decay: of the evaluation copy of G.
+        collapse_threshold, collapse_patience: the D-collapse health signal.
+        points_per_pixel: rasterizer setting.
+        seed: seeds the z-swap permutations (one generator per step).
+
+    Raises:
+        UpstreamMissingError: no student checkpoint (one line naming the command that makes it).
+        ValueError: unknown loss names, or a dataset whose E differs from the student's.
+    """
+
+    stage = "gar"
+    upstream = ("distill", "student_ckpt")
+    monitor = "gar/val/psnr"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        expression_dim: int = 16,
+        image_size: int = 128,
+        student_ckpt: str | None = None,
+        z_dim: int = 16,
+        num_scales: int = 3,
+        base_channels: int = 32,
+        mapping_layers: int = 2,
+        disc_channels: int = 32,
+        disc_scales: int = 2,
+        encoder_channels: int = 32,
+        gan_loss: str = "logistic",
+        loss_weights: dict[str, float] | None = None,
+        r1_gamma: float = 1.0,
+        r1_every: int = 4,
+        lr_g: float = 2e-3,
+        lr_d: float = 2e-3,
+        ema_decay: float = 0.99,
+        collapse_threshold: float = 1e-2,
+        collapse_patience: int = 100,
+        points_per_pixel: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss_weights {sorted(unknown)}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+
+        path = upstream_checkpoint(student_ckpt, "distill", "student_ckpt")
+        self.student = load_student(str(path)).requires_grad_(False).eval()
+        if self.student.expression_dim != expression_dim:
+            raise ValueError(
+                f"the dataset's expression_dim {expression_dim} differs from the student's "
+                f"{self.student.expression_dim} ({path}): train the GAR on the student's dataset"
+            )
+        with torch.no_grad():
+            canonical = self.student.canonical()
+        for name in ("albedo", "normals", "feature", "blendshapes", "offset"):
+            self.register_buffer(f"student_{name}", getattr(canonical, name).detach().clone(), persistent=False)
+
+        feature_channels = self.student.latent_dim
+        self.generator = GARGenerator(feature_channels, z_dim, num_scales, base_channels, mapping_layers)
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.discriminator = MultiScalePatchDiscriminator(3, base_channels=disc_channels, num_scales=disc_scales)
+        self.encoder = InverseEncoder(z_dim=z_dim, expression_dim=expression_dim, base_channels=encoder_channels)
+        self.normal_estimator = NormalEstimator()
+        self.register_buffer("z_mean", torch.zeros(z_dim))  # running mean of the training z (gar_meanz)
+        self.collapse = CollapseMonitor(collapse_threshold, collapse_patience)
+        self.metrics = HeldOutMetrics(MODELS)
+        self.swd = torch.nn.ModuleDict({m: SlicedWasserstein(patches_per_image=64) for m in MODELS[1:]})
+        self._evaluated_splits: set[str] = set()
+        self._collapse_warned = False
+
+    # -- the frozen student --------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.student.eval()
+        self.generator_ema.eval()
+        return self
+
+    def _student_canonical(self):
+        from models.student import StudentCanonical
+
+        return StudentCanonical(
+            points=self.student.points, albedo=self.student_albedo, normals=self.student_normals,
+            blendshapes=self.student_blendshapes, offset=self.student_offset, feature=self.student_feature,
+        )
+
+    def raster_inputs(self, batch, expression: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The generator's inputs for a batch posed by ``expression`` (B, E).
+
+        Returns:
+            (list over scales of (B, C_s + 4, H / 2^s, W / 2^s), full-size normal map (B, 3, H, W),
+            full-size alpha (B, 1, H, W)).
+        """
+        canonical = self._student_canonical()
+        points = self.student.deform(canonical, expression)  # (B, N, 3)
+        normals_cam = rotate_normals(canonical.normals, batch.world_mat)  # (B, N, 3)
+        features = torch.cat([canonical.feature.expand(len(batch), -1, -1), normals_cam], -1)
+        c = canonical.feature.shape[1]
+        h, w = batch.image.shape[-2:]
+        inputs, normal_map, alpha = [], None, None
+        for s in range(self.hparams.num_scales):
+            K = batch.K.clone()
+            K[:, :2] = K[:, :2] / 2**s  # pixel edges scale with the image (centres at +0.5)
+            r_px = pixel_radius(points, batch.world_mat, K, self.student.radius)
+            out = rasterize_points(
+                points, features, batch.world_mat, K, (h // 2**s, w // 2**s), r_px,
+                self.hparams.points_per_pixel, background=0.0,
+            )
+            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c:], out.alpha))
+            if s == 0:
+                normal_map, alpha = out.image[:, c:], out.alpha
+        return inputs, normal_map, alpha
+
+    @torch.no_grad()
+    def render_student(self, batch) -> torch.Tensor:
+        """The student's rasterized colours (B, 3, H, W) on white, with the tracked expression."""
+        out = self.student(batch.expression, batch.world_mat, canonical=self._student_canonical())
+        r_px = pixel_radius(out["points"], batch.world_mat, batch.K, self.student.radius)
+        raster = rasterize_points(
+            out["points"], out["colors"], batch.world_mat, batch.K, batch.image.shape[-2:], r_px,
+            self.hparams.points_per_pixel, background=1.0,
+        )
+        return raster.image
+
+    # -- training ---------------------------------------------------------------------------------------
+    def _batch_number(self) -> int:
+        """Training batches so far (restored on resume). ``global_step`` counts optimizer steps: 3 per batch."""
+        return self.trainer.fit_loop.total_batch_idx
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d, opt_n = self.optimizers()
+        w = self.loss_weights
+        kind = self.hparams.gan_loss
+        target = composite_on_white(batch.image, batch.mask)
+        logs: dict[str, torch.Tensor] = {}
+
+        # phase N: the normal estimator learns real frames -> rasterized normals (tracked expression)
+        self.toggle_optimizer(opt_n)
+        with torch.no_grad():
+            _, tracked_normals, tracked_alpha = self.raster_inputs(batch, batch.expression)
+        loss_n = normal_consistency_loss(self.normal_estimator(target), tracked_normals, tracked_alpha)
+        opt_n.zero_grad(set_to_none=True)
+        self.manual_backward(loss_n)
+        opt_n.step()
+        self.untoggle_optimizer(opt_n)
+        logs["normal_estimator"] = loss_n
+
+        # phase G (+E)
+        self.toggle_optimizer(opt_g)
+        z, expression = self.encoder(target, batch.mask)
+        inputs, normal_map, alpha = self.raster_inputs(batch, expression)
+        fake = self.generator(inputs, z)
+        terms = {
+            "l1": masked_l1(fake, target),
+            "ssim": ssim_loss(fake, target),
+            "expression": F.mse_loss(expression.float(), batch.expression.float()),
+            "adv": g_loss(self.discriminator(fake), kind),
+            "z_reg": z.float().pow(2).mean(),
+        }
+        if w["normal"] > 0:
+            terms["normal"] = normal_consistency_loss(self.normal_estimator(fake), normal_map.detach(), alpha.detach())
+        if w["z_swap"] > 0 and len(batch) > 1:
+            generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed * 1_000_003 + self._batch_number())
+            perm = z_swap_permutation(len(batch), generator).to(z.device)
+            swapped = self.generator(inputs, z[perm])
+            z_back, _ = self.encoder(swapped, batch.mask)
+            terms["z_swap"] = z_swap_loss(
+                self.normal_estimator(swapped), normal_map.detach(), alpha.detach(), z_back, z[perm]
+            ).total
+        check_finite_losses(terms, self.global_step)
+        loss_g = sum(w[k] * v for k, v in terms.items())
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        ema_update(self.generator_ema, self.generator, self.hparams.ema_decay)
+        with torch.no_grad():
+            self.z_mean.lerp_(z.detach().mean(0).to(self.z_mean), 0.05)
+        logs.update(terms)
+        logs["loss_g"] = loss_g
+
+        # phase D (+ lazy R1)
+        self.toggle_optimizer(opt_d)
+        loss_d = d_loss(self.discriminator(target), self.discriminator(fake.detach()), kind)
+        logs["loss_d"] = loss_d.detach()
+        if self.hparams.r1_every > 0 and self._batch_number() % self.hparams.r1_every == 0:
+            real = target.detach().requires_grad_(True)
+            r1 = r1_penalty(self.discriminator(real), real)
+            loss_d = loss_d + self.hparams.r1_gamma / 2 * self.hparams.r1_every * r1
+            logs["r1"] = r1.detach()
+        check_finite_losses({"d": loss_d}, self.global_step)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        collapsed = self.collapse.update(float(logs["loss_d"]))
+        if collapsed and not self._collapse_warned:
+            rank_zero_warn(
+                f"step {self.global_step}: the discriminator loss stayed below {self.collapse.threshold} for "
+                f"{self.collapse.patience} steps (D collapse); lower lr_d or raise r1_gamma"
+            )
+            self._collapse_warned = True
+        self.log("gar/d_collapse", float(collapsed), batch_size=len(batch))
+        self.log_dict({f"gar/train/{k}": v for k, v in logs.items()}, batch_size=len(batch))
+        self.log("gar/train/loss", loss_g.detach(), prog_bar=True, batch_size=len(batch))
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def render_all(self, batch) -> dict[str, torch.Tensor]:
+        """Test-time renders (B, 3, H, W): ``student``, ``gar`` (E's z and expression), ``gar_meanz``."""
+        target = composite_on_white(batch.image, batch.mask)
+        z, expression = self.encoder(target, batch.mask)
+        inputs, _, _ = self.raster_inputs(batch, expression)
+        gar = self.generator_ema(inputs, z)
+        tracked_inputs, _, _ = self.raster_inputs(batch, batch.expression)
+        gar_meanz = self.generator_ema(tracked_inputs, self.z_mean.expand(len(batch), -1))
+        return {"student": self.render_student(batch), "gar": gar, "gar_meanz": gar_meanz}
+
+    def _eval_step(self, batch) -> None:
+        renders = self.render_all(batch)
+        target = composite_on_white(batch.image, batch.mask)
+        for name, image in renders.items():
+            self.metrics.update(name, image, batch.image, batch.mask)
+            self.swd[name].update(image.clamp(0, 1), target)
+        mean_fn = getattr(getattr(self.trainer, "datamodule", None), "mean_train_image", None)
+        if callable(mean_fn):
+            baseline = composite_on_white(mean_fn().to(batch.image).expand_as(batch.image), batch.mask)
+            self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        values = self.metrics.compute(split)
+        for name, metric in self.swd.items():
+            if metric.update_called:
+                values[f"{name}/{split}/swd"] = float(metric.compute())
+            metric.reset()
+        self.log_dict(values)
+        self.metrics.reset()
+        if not self.trainer.sanity_checking:
+            self._evaluated_splits.add(split)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @torch.no_grad()
+    def visualize(self, batch) -> dict[str, torch.Tensor]:
+        """Grid columns: ground truth | student | gar | gar_meanz."""
+        return {"ground_truth": composite_on_white(batch.image, batch.mask), **self.render_all(batch)}
+
+    def run_metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {
+            "params/student": sum(p.numel() for p in self.student.canonical_network_parameters()),
+            "params/gar": sum(p.numel() for p in self.generator.parameters()),
+            "num_points": self.student.num_points,
+        }
+        for split in self._evaluated_splits:
+            for model in ("student", "gar", "gar_meanz"):
+                metrics[f"{model}/{split}/lpips"] = None
+        return metrics
+
+    # -- optimisation -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        betas = (0.0, 0.99)
+        opt_g = torch.optim.Adam([*self.generator.parameters(), *self.encoder.parameters()], lr=hp.lr_g, betas=betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=betas)
+        opt_n = torch.optim.Adam(self.normal_estimator.parameters(), lr=hp.lr_g)
+        return [opt_g, opt_d, opt_n]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["collapse_monitor"] = self.collapse.state_dict()
+        checkpoint["num_points"] = self.student.num_points
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "collapse_monitor" in checkpoint:
+            self.collapse.load_state_dict(checkpoint["collapse_monitor"])
