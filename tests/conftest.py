@@ -177,3 +177,15 @@ def distill_run(teacher_run, tmp_path_factory) -> Path:
         "--trainer.max_steps=1", "--run_dir", str(run_dir),
     )
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def gar_run(distill_run, tmp_path_factory) -> Path:
+    """A real GAR run for one training batch on the one-step student (its run folder)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "gar_1batch"
+    run_stage(
+        "fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.student_ckpt", str(distill_run / "checkpoints" / "last.ckpt"),
+        "--trainer.max_steps=3", "--run_dir", str(run_dir),
+    )
+    return run_dir

@@ -30,5 +30,17 @@ def test_smoke_chain(chain_dir):
         "--ckpt_path", str(chain_dir / "runs" / "teacher" / "latest" / "checkpoints" / "last.ckpt"),
     )
     assert "teacher/test/psnr" in json.loads((tested.run_dir / "metrics.json").read_text())
+
+    distill = fit("distill")  # finds runs/teacher/latest by itself
+    metrics = json.loads((distill.run_dir / "metrics.json").read_text())
+    assert metrics["params_ratio"] <= 0.05 and metrics["flops_ratio"] <= 0.10
+    assert "student/val/psnr" in metrics and "teacher/val/psnr" in metrics
+
+    gar = fit("gar")  # finds runs/distill/latest by itself
+    metrics = json.loads((gar.run_dir / "metrics.json").read_text())
+    for model in ("student", "gar", "gar_meanz"):
+        assert f"{model}/val/swd" in metrics
+    for stage in ("teacher", "distill", "gar"):
+        assert (chain_dir / "runs" / stage / "latest" / "checkpoints" / "last.ckpt").is_file()
     # nothing but runs/ in the (stand-in) checkout
     assert sorted(p.name for p in chain_dir.iterdir()) == ["runs"]

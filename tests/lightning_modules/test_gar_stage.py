@@ -1,0 +1,64 @@
+"""The GAR stage on a real one-step student: frozen student, three phases, metrics with SWD, collapse signal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_modules.distill import load_student
+from lightning_modules.gar import GARModule
+from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
+
+
+def test_missing_student_is_one_line_naming_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_stage("fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lightning fit --config experiments/distill.yaml" in err and "runs/distill/latest" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gar_run_reports_student_gar_and_gar_meanz(gar_run):
+    metrics = json.loads((gar_run / "metrics.json").read_text())
+    for model in ("student", "gar", "gar_meanz"):
+        for metric in ("l1", "psnr", "ssim", "swd"):
+            assert isinstance(metrics[f"{model}/val/{metric}"], float), (model, metric)
+        assert metrics[f"{model}/val/lpips"] is None
+    assert "gar/d_collapse" not in metrics  # a health signal: logged, not stored
+    ckpt = torch.load(gar_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3  # one batch = three optimizer steps (N, G+E, D)
+    assert len(ckpt["optimizer_states"]) == 3
+    assert any(k.startswith("generator_ema.") for k in ckpt["state_dict"])
+
+
+def test_student_stays_frozen_and_bitwise_unchanged(distill_run, gar_run):
+    reference = load_student(distill_run / "checkpoints" / "last.ckpt")
+    module = GARModule.load_from_checkpoint(
+        gar_run / "checkpoints" / "last.ckpt", student_ckpt=str(distill_run / "checkpoints" / "last.ckpt")
+    )
+    ckpt = torch.load(gar_run / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    module.train()
+    assert not module.student.training
+    assert all(not p.requires_grad for p in module.student.parameters())
+
+
+def test_toggling_optimizers_never_reenables_student_gradients(distill_run, tmp_path):
+    """The known trap: toggle/untoggle_optimizer restore requires_grad of every optimizer's params."""
+    cli = run_stage(
+        "fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.student_ckpt", str(distill_run / "checkpoints" / "last.ckpt"),
+        "--trainer.max_steps=6", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
+        "--run_dir", str(tmp_path / "gar"),
+    )
+    module = cli.model
+    assert all(not p.requires_grad for p in module.student.parameters())
+    assert all(p.grad is None for p in module.student.parameters())
+    optimised = {id(p) for opt in cli.trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in module.student.parameters()}
+    assert all(p.requires_grad for p in module.generator.parameters())  # untoggled back
