@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from models.camera import rotate_normals
+from models.frame import check_expression, check_world_mat, deform_points, shade_points
 
 __all__ = [
     "positional_encoding",
@@ -688,16 +688,11 @@ class PointAvatarTeacher(nn.Module):
         )
 
     def _check_expression(self, expression: torch.Tensor) -> None:
-        if expression.dim() != 2 or expression.shape[1] != self.expression_dim:
-            raise ValueError(
-                f"expression must be (B, {self.expression_dim}) (expression_dim of this teacher), "
-                f"got {tuple(expression.shape)}"
-            )
+        check_expression(expression, self.expression_dim, "teacher")
 
     @staticmethod
     def _check_world_mat(world_mat: torch.Tensor) -> None:
-        if world_mat.dim() != 3 or world_mat.shape[-2:] not in ((3, 4), (4, 4)):
-            raise ValueError(f"world_mat must be (B, 3, 4) or (B, 4, 4), got {tuple(world_mat.shape)}")
+        check_world_mat(world_mat)
 
     def deform(self, canonical: CanonicalOutput, expression: torch.Tensor) -> torch.Tensor:
         """Deformed points x' = x + o(x) + sum_e psi_e B_e(x).
@@ -713,9 +708,7 @@ class PointAvatarTeacher(nn.Module):
             ValueError: if ``expression`` is not (B, E).
         """
         self._check_expression(expression)
-        base = canonical.points + canonical.offset  # (N, 3)
-        disp = torch.einsum("be,nec->bnc", expression, canonical.blendshapes)  # (B, N, 3)
-        return base.unsqueeze(0) + disp
+        return deform_points(canonical.points, canonical.offset, canonical.blendshapes, expression)
 
     def _shade(
         self, canonical: CanonicalOutput, world_mat: torch.Tensor
@@ -723,10 +716,7 @@ class PointAvatarTeacher(nn.Module):
         self._check_world_mat(world_mat)
         if canonical.normals is None:
             raise ValueError("shading needs normals: compute the canonical outputs with compute_normals=True")
-        normals_cam = rotate_normals(canonical.normals, world_mat)  # (B, N, 3)
-        shading = self.shading(normals_cam)  # (B, N, 3)
-        colors = torch.clamp(2.0 * shading * canonical.albedo.unsqueeze(0), 0.0, 1.0)
-        return colors, shading, normals_cam
+        return shade_points(self.shading, canonical.normals, canonical.albedo, world_mat)
 
     def shade(self, canonical: CanonicalOutput, world_mat: torch.Tensor) -> torch.Tensor:
         """Colours c = clamp(2 * S(R n) * albedo, 0, 1) for each frame's camera.
