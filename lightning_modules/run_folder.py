@@ -293,12 +293,6 @@ class RunFolder(pl.Callback):
             rank_zero_warn(f"could not collect metrics after {type(exception).__name__}: {err}")
         write_metrics_json(self.metrics_path, self.metrics)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"metrics": dict(self.metrics)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.metrics = {**state_dict.get("metrics", {}), **self.metrics}
-
 
 def get_run_folder(trainer: pl.Trainer) -> RunFolder:
     """The trainer's :class:`RunFolder` callback.

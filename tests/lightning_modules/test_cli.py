@@ -195,3 +195,12 @@ def test_console_script_lists_subcommands():
     )
     for flag in ("--run_dir", "--run_name", "--runs_root", "--ckpt_path", "--trainer.max_steps"):
         assert flag in module.stdout
+
+
+def test_a_test_run_reports_only_its_own_rows(workdir):
+    cwd, conf = workdir
+    run("fit", "--config", str(conf))
+    ckpt = cwd / "runs" / "toy" / "latest" / "checkpoints" / "last.ckpt"
+    tested = run("test", "--config", str(conf), "--ckpt_path", str(ckpt))
+    metrics = json.loads((tested.run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"params/toy", "toy/test/l1"}  # no val rows carried over from the fit
