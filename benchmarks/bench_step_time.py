@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if not Path(args.teacher_ckpt).is_file():
+        print(f"no teacher checkpoint at {args.teacher_ckpt}: run `lightning fit --config experiments/teacher.yaml` "
+              "first (or pass --teacher-ckpt); nothing timed")
+        return {}
     torch.set_num_threads(args.threads)
     dm = AvatarDataModule(data_root=args.data_root, image_size=args.image_size, batch_size=args.batch_size)
     dm.prepare_data()
