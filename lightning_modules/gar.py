@@ -72,7 +72,7 @@ class GARModule(pl.LightningModule):
         loss_weights: {l1, ssim, adv, expression, normal, z_swap, z_reg}; 0 switches a term off.
         r1_gamma, r1_every: lazy R1 (gamma / 2 * every * R1 every ``r1_every`` D steps).
         lr_g, lr_d: Adam learning rates (betas 0, 0.99) of G+E and of D; the normal estimator uses lr_g.
-        ema_decay: of the evaluation copy of G.
+        ema_decay: of the evaluation copy of G (with warm-up: min(decay, (1 + n) / (10 + n)) at batch n).
         collapse_threshold, collapse_patience: the D-collapse health signal.
         points_per_pixel: rasterizer setting.
         seed: seeds the z-swap permutations (one generator per step).
@@ -248,7 +248,9 @@ class GARModule(pl.LightningModule):
         self.manual_backward(loss_g)
         opt_g.step()
         self.untoggle_optimizer(opt_g)
-        ema_update(self.generator_ema, self.generator, self.hparams.ema_decay)
+        # EMA with the usual warm-up: early on the average follows G instead of staying at its init
+        batches = self._batch_number()
+        ema_update(self.generator_ema, self.generator, min(self.hparams.ema_decay, (1 + batches) / (10 + batches)))
         with torch.no_grad():
             self.z_mean.lerp_(z.detach().mean(0).to(self.z_mean), 0.05)
         logs.update(terms)
