@@ -1,4 +1,5 @@
-"""Callbacks shared by the stages: render grids and videos (DESIGN.md, "Callbacks").
+"""Callbacks shared by the stages: render grids and videos (DESIGN.md, "Callbacks"); the
+:class:`~lightning_modules.flops.FlopCounter` is re-exported here.
 
 A stage module that wants pictures implements ``visualize(batch) -> dict[str, Tensor]``: ordered
 columns, each (B, 3, H, W) in [0, 1] (e.g. ground truth | render | normals | mask). The
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_modules.flops import FlopCounter  # DESIGN.md lists it here; it lives beside its handles
 from lightning_modules.run_folder import get_run_folder
 
-__all__ = ["RenderLogger", "ffmpeg_available", "pad_to_even", "to_uint8_grid", "write_video"]
+__all__ = ["FlopCounter", "RenderLogger", "ffmpeg_available", "pad_to_even", "to_uint8_grid", "write_video"]
 
 
 def ffmpeg_available() -> bool:
