@@ -19,7 +19,7 @@ EXPERIMENTS = REPO_ROOT / "experiments"
 TINY_MESH = EXPERIMENTS / "overrides" / "tiny_mesh.yaml"
 
 # Tests never talk to W&B (a test that checks the W&B run sets WANDB_MODE itself).
-os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["WANDB_MODE"] = "disabled"
 
 
 def run_stage(*args: str):
