@@ -666,4 +666,7 @@ class AvatarDataModule(pl.LightningDataModule):
         """
         if self.train_set is None:
             raise RuntimeError("call setup() before mean_train_image()")
-        return self.train_set.images.float().mean(0) / 255.0
+        if getattr(self, "_mean_train_image", None) is None or self._mean_train_source is not self.train_set:
+            self._mean_train_image = self.train_set.images.float().mean(0) / 255.0  # once per training set
+            self._mean_train_source = self.train_set
+        return self._mean_train_image

@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
-from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
 from lightning_modules.run_folder import upstream_checkpoint
 from lightning_modules.teacher import TeacherModule, check_finite_losses, pixel_radius
 from models.adapters import FeatureAdapter
@@ -269,9 +269,8 @@ class DistillModule(pl.LightningModule):
         _, t_raster = self.render_teacher(batch)
         self.metrics.update("student", s_raster.image[:, :3], batch.image, batch.mask)
         self.metrics.update("teacher", t_raster.image[:, :3], batch.image, batch.mask)
-        mean_fn = getattr(getattr(self.trainer, "datamodule", None), "mean_train_image", None)
-        if callable(mean_fn):
-            baseline = composite_on_white(mean_fn().to(batch.image).expand_as(batch.image), batch.mask)
+        baseline = baseline_mean_prediction(self.trainer, batch)
+        if baseline is not None:
             self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
 
     def _eval_epoch_end(self, split: str) -> None:

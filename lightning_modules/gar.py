@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.distill import load_student
-from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
 from lightning_modules.run_folder import upstream_checkpoint
 from lightning_modules.swd import SlicedWasserstein
 from lightning_modules.teacher import check_finite_losses, pixel_radius
@@ -300,9 +300,8 @@ class GARModule(pl.LightningModule):
         for name, image in renders.items():
             self.metrics.update(name, image, batch.image, batch.mask)
             self.swd[name].update(image.clamp(0, 1), target)
-        mean_fn = getattr(getattr(self.trainer, "datamodule", None), "mean_train_image", None)
-        if callable(mean_fn):
-            baseline = composite_on_white(mean_fn().to(batch.image).expand_as(batch.image), batch.mask)
+        baseline = baseline_mean_prediction(self.trainer, batch)
+        if baseline is not None:
             self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
 
     def _eval_epoch_end(self, split: str) -> None:

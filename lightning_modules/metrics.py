@@ -14,12 +14,24 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-__all__ = ["HeldOutMetrics", "composite_on_white"]
+__all__ = ["HeldOutMetrics", "baseline_mean_prediction", "composite_on_white"]
 
 
 def composite_on_white(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """image * mask + (1 - mask): (B, 3, H, W) in [0, 1] with a (B, 1, H, W) mask -> (B, 3, H, W)."""
     return image * mask + (1.0 - mask)
+
+
+def baseline_mean_prediction(trainer, batch) -> torch.Tensor | None:
+    """``baseline_mean``: the datamodule's mean training image under each frame's mask, on white.
+
+    Returns:
+        (B, 3, H, W), or None when the datamodule has no ``mean_train_image()``.
+    """
+    mean_fn = getattr(getattr(trainer, "datamodule", None), "mean_train_image", None)
+    if not callable(mean_fn):
+        return None
+    return composite_on_white(mean_fn().to(batch.image).expand_as(batch.image), batch.mask)
 
 
 def _collection() -> MetricCollection:

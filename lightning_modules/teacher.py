@@ -20,7 +20,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
 from models.camera import world_to_camera
 from models.losses import blendshape_regularization, eikonal_loss, mask_loss, masked_l1, ssim_loss
 from models.rasterizer import PointRasterizer, RasterOutput
@@ -189,15 +189,9 @@ class TeacherModule(pl.LightningModule):
             self._eval_canonical = self.teacher.canonical(method="explicit")
         _, raster = self.render(batch, canonical=self._eval_canonical)
         self.metrics.update("teacher", raster.image[:, :3], batch.image, batch.mask)
-        mean = self._mean_train_image()
-        if mean is not None:
-            baseline = composite_on_white(mean.to(batch.image).expand_as(batch.image), batch.mask)
+        baseline = baseline_mean_prediction(self.trainer, batch)
+        if baseline is not None:
             self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
-
-    def _mean_train_image(self) -> torch.Tensor | None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        mean_fn = getattr(datamodule, "mean_train_image", None)
-        return mean_fn() if callable(mean_fn) else None
 
     def _eval_epoch_end(self, split: str) -> None:
         self.log_dict(self.metrics.compute(split))
