@@ -14,12 +14,13 @@ PYTEST        ?= $(PYTHON) -m pytest
 install:
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja "setuptools>=68" wheel
 	mkdir -p $(WHEEL_CACHE)
-	@# torch-scatter / torch-cluster are source-only on PyPI: build against the installed torch,
-	@# both cores (ninja, MAX_JOBS), reuse the prebuilt or cached wheels when they are there.
+	@# torch-scatter / torch-cluster are source-only on PyPI: build against the installed torch
+	@# (their setup.py turn ninja off: one file at a time, ~45 min), or reuse the prebuilt or cached
+	@# wheels when they are there. --no-deps: their dependency scipy comes with the package below.
 	$(PYTHON) -c "import torch_scatter, torch_cluster" 2>/dev/null || { \
 	  MAX_JOBS=2 $(PIP) wheel --no-build-isolation --no-deps $(FIND_LINKS) -w $(WHEEL_CACHE) \
 	    "torch-scatter>=2.1.2" "torch-cluster>=1.6.3" && \
-	  $(PIP) install --no-build-isolation --no-index $(FIND_LINKS) torch-scatter torch-cluster; }
+	  $(PIP) install --no-build-isolation --no-index --no-deps $(FIND_LINKS) torch-scatter torch-cluster; }
 	$(PIP) install --quiet --no-build-isolation $(FIND_LINKS) -e ".[fast,tracking,dev]" "torch==$(TORCH_VERSION)"
 
 # pytest exits 5 when it collected no test: that is a failure here, never a green run.
@@ -37,3 +38,8 @@ bench:
 
 lint:
 	$(PYTHON) -m ruff check models datamodules lightning_modules tests benchmarks
+
+# The whole product at CPU scale on the default video: prepare -> teacher -> distill -> GAR -> test,
+# then runs/demo/report.{md,json}, runs/demo/comparison.mp4 and runs/demo/losses.png.
+demo: install
+	$(PYTHON) -m lightning_modules.demo

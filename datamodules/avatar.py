@@ -21,7 +21,8 @@ head-mask boxes, enlarged by ``crop_margin``), resizes it to ``image_size`` and 
 in memory as uint8 tensors, converted to float per item.
 
 Reenactment: :func:`driving_expression_codes` codes another prepared video's frames with an
-avatar's expression basis, as offsets from that video's own mean shape.
+avatar's expression basis, as offsets from that video's own mean shape; with ``driving_video``,
+``predict_dataloader`` serves that video's frames retargeted to the subject (:mod:`datamodules.driving`).
 
 Crop / resize convention: the integer box [x0, x0 + side) x [y0, y0 + side) of the full frame
 (zero padding outside the frame) is resized by antialiased bilinear interpolation with
@@ -46,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batch import collate_avatar
 from datamodules.prepare import DEFAULT_EXPRESSION_DIM, DEFAULT_FOV, JSON_NAME, split_counts
+from datamodules.resumable import ResumableDataLoader
 
 __all__ = [
     "AvatarRecord",
@@ -487,6 +489,9 @@ class AvatarDataModule(pl.LightningDataModule):
         max_frames: prepare only the first N frames of the video.
         crop_margin: the square crop's side is the head box's larger side * (1 + crop_margin).
         shuffle: shuffle the training frames.
+        driving_video: a video whose expressions and head motion drive this subject in
+            ``predict`` (reenactment, :mod:`datamodules.driving`); tracked once into
+            ``data_root/<stem>_driving``.
 
     Raises:
         ValueError: on out-of-range arguments.
@@ -496,7 +501,7 @@ class AvatarDataModule(pl.LightningDataModule):
                  image_size: int = 128, batch_size: int = 8, num_workers: int = 0, test_fraction: float = 0.2,
                  val_fraction: float = 0.0, val_every: int = 1, expression_dim: int | None = None,
                  fov: float = DEFAULT_FOV, max_frames: int | None = None, crop_margin: float = 0.1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, driving_video: str | None = None) -> None:
         super().__init__()
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {image_size}")
@@ -527,6 +532,8 @@ class AvatarDataModule(pl.LightningDataModule):
         self.fov, self.max_frames, self.crop_margin = fov, max_frames, crop_margin
         self.record: AvatarRecord | None = None
         self.train_set = self.val_set = self.test_set = None
+        self.driving_video = driving_video
+        self.predict_set, self.driving = None, None  # built by predict_dataloader()
         self.train_frame_indices: list[int] = []
         self.val_frame_indices: list[int] = []
         self.test_frame_indices: list[int] = []
@@ -558,6 +565,10 @@ class AvatarDataModule(pl.LightningDataModule):
     # -- Lightning hooks ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Prepare the dataset folder when it is missing (Lightning runs this on one process)."""
+        if self.driving_video is not None:
+            from datamodules.driving import prepare_driver
+
+            prepare_driver(self.driving_video, self.driving_dir, fov=self.fov)
         if (self.dataset_dir / JSON_NAME).is_file():
             return
         if self.dataset_dir.exists() and any(self.dataset_dir.iterdir()):
@@ -645,9 +656,11 @@ class AvatarDataModule(pl.LightningDataModule):
     def _loader(self, dataset: AvatarFrameDataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and self.shuffle,
-                          num_workers=self.num_workers, collate_fn=collate_avatar,
-                          persistent_workers=self.num_workers > 0)
+        # training: a seeded order per epoch whose position is checkpointed (exact resume)
+        loader = ResumableDataLoader if train else DataLoader
+        return loader(dataset, batch_size=self.batch_size, shuffle=train and self.shuffle,
+                      num_workers=self.num_workers, collate_fn=collate_avatar,
+                      persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -657,6 +670,34 @@ class AvatarDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
+
+    @property
+    def driving_dir(self) -> Path | None:
+        """The driving video's dataset folder (None without ``driving_video``)."""
+        if self.driving_video is None:
+            return None
+        from datamodules.driving import driving_dataset_name
+
+        return self.data_root / driving_dataset_name(self.driving_video)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Reenactment: one item per frame of ``driving_video`` (:func:`datamodules.driving.driving_dataset`).
+
+        Raises:
+            ValueError: without ``driving_video``.
+        """
+        if self.driving_video is None:
+            raise ValueError("predict renders a driving video: pass --data.init_args.driving_video PATH")
+        if self.predict_set is None:
+            from datamodules.driving import driving_dataset
+
+            self.predict_set, self.driving = driving_dataset(self, self.driving_dir)
+        return self._loader(self.predict_set, train=False)
+
+    @property
+    def predict_fps(self) -> float | None:
+        """Frame rate of the driving video (None when unknown or not built yet)."""
+        return (self.driving.fps or None) if self.driving is not None else None
 
     def mean_train_image(self) -> torch.Tensor:
         """The mean training image (the ``baseline_mean`` prediction).

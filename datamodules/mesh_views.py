@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batch import collate_avatar
 from datamodules.meshes import Mesh, load_mesh, normalize_to_unit_head, sample_surface
+from datamodules.resumable import ResumableDataLoader
 from datamodules.tiny import make_tiny_head
 from models.rasterizer import rasterize_points
 
@@ -200,7 +201,14 @@ class MeshViewsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # a seeded order per epoch whose position is checkpointed: a resumed fit continues it exactly
+        return ResumableDataLoader(
+            _Frames(self.render_views(), self.split_indices("train")),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_avatar,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

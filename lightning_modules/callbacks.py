@@ -7,7 +7,10 @@ columns, each (B, 3, H, W) in [0, 1] (e.g. ground truth | render | normals | mas
 
 - each validation epoch, a PNG grid of the first validation batch (one row per frame);
 - at test end, a video of every test frame (columns side by side): MP4 through imageio-ffmpeg,
-  frame sizes padded to even numbers (H.264 needs them); a GIF when no ffmpeg is found.
+  frame sizes padded to even numbers (H.264 needs them); a GIF when no ffmpeg is found;
+- at predict end, when ``predict_step`` returns a dict of columns (B, 3, H, W) in [0, 1] (the GAR's
+  reenactment), the first column alone as ``<its key>.mp4`` and all side by side as
+  ``<its key>_side_by_side.mp4``, at the datamodule's ``predict_fps`` when it has one.
 """
 
 from __future__ import annotations
@@ -104,12 +107,14 @@ class RenderLogger(pl.Callback):
         self.max_rows = max_rows
         self.fps = fps
         self._test_frames: list[np.ndarray] = []
+        self._predict_columns: dict[str, list[np.ndarray]] = {}
 
     def _columns(self, pl_module: pl.LightningModule, batch) -> list[torch.Tensor] | None:
         visualize = getattr(pl_module, "visualize", None)
         if not callable(visualize):
             return None
-        with torch.no_grad():
+        # the precision of the steps (bf16-mixed: autocast), since visualize may reuse their tensors
+        with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
             return list(visualize(batch).values())
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -145,3 +150,27 @@ class RenderLogger(pl.Callback):
         if trainer.is_global_zero and self._test_frames:
             write_video(self._test_frames, get_run_folder(trainer).renders_dir / "test.mp4", fps=self.fps)
         self._test_frames = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._predict_columns = {}
+        if trainer.world_size > 1:
+            rank_zero_warn("predict on several processes: the predict video holds rank 0's frames only")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not isinstance(outputs, dict) or not outputs:
+            return
+        for key, images in outputs.items():
+            grid = to_uint8_grid([images])  # (B*H, W, 3)
+            h = images.shape[-2]
+            self._predict_columns.setdefault(key, []).extend(grid[i * h : (i + 1) * h] for i in range(images.shape[0]))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self._predict_columns:
+            fps = getattr(getattr(trainer, "datamodule", None), "predict_fps", None) or self.fps
+            renders = get_run_folder(trainer).renders_dir
+            (name, first), *others = self._predict_columns.items()
+            write_video(first, renders / f"{name}.mp4", fps=fps)
+            if others:
+                side = [np.concatenate(row, axis=1) for row in zip(first, *(col for _, col in others))]
+                write_video(side, renders / f"{name}_side_by_side.mp4", fps=fps)
+        self._predict_columns = {}

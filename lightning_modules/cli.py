@@ -9,7 +9,16 @@ Usage::
 
 Model and data are chosen by ``class_path`` (subclass mode). Later ``--config`` files and flags
 override earlier ones. The run-location keys (``run_dir``, ``run_name``, ``runs_root``) are ours;
-every run gets a fresh folder (see :mod:`lightning_modules.run_folder`).
+every run gets a fresh folder (see :mod:`lightning_modules.run_folder`). A fit writes
+``checkpoints/last.ckpt`` every ``--checkpoint_every_n_batches`` training batches (default 100), and its
+checkpoints carry the random states and the data position, so a resumed fit continues exactly
+(:mod:`lightning_modules.resume`).
+
+Several processes (DDP): rank 0 resolves and creates the run folder; the processes Lightning's
+launcher starts from it read it from the environment, ranks that torchrun or SLURM start adopt it
+at setup (:class:`~lightning_modules.run_folder.RunFolder`). A module declaring
+``ddp_find_unused_parameters = True`` (the GAR's phases) gets DDP's unused-parameter search. The
+W&B run a call starts ends with it; a resumed fit continues the run's W&B run.
 
 A stage module declares ``stage`` (its folder under ``runs/``) and may declare ``monitor`` /
 ``monitor_mode`` (the metric that selects ``best.ckpt``) and ``upstream = (stage, init_arg)``
@@ -31,8 +40,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_modules.resume import PeriodicCheckpoint, RandomState
 from lightning_modules.run_folder import (
     RUN_DIR_ENV,
     RunFolder,
@@ -62,11 +73,29 @@ def stage_of(class_path: str) -> str:
     return getattr(cls, "stage", None) or cls.__name__.lower()
 
 
+#: Set with RUN_DIR_ENV by rank 0: its process id, so only the processes Lightning's launcher starts
+#: from it (its children) take the folder from the environment, never a stale variable.
+_RUN_DIR_OWNER_ENV = "AVATAR_RUN_DIR_OWNER"
+
+
 def _global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    """This process's rank as the launcher's environment tells it before Lightning starts; only
+    whether it is 0 matters (rank 0 makes the run folder). torchrun sets RANK, SLURM's srun
+    SLURM_PROCID; Lightning's own launcher LOCAL_RANK (and NODE_RANK on several nodes)."""
+    for var in ("RANK", "SLURM_PROCID"):
         if var in os.environ:
             return int(os.environ[var])
-    return 0
+    return int(os.environ.get("NODE_RANK") or 0) * 1_000_000 + int(os.environ.get("LOCAL_RANK") or 0)
+
+
+def _started_by_rank_zero() -> bool:
+    """Whether Lightning's subprocess launcher started this process from rank 0 (its parent), which
+    left the resolved run folder in RUN_DIR_ENV (it gives its children LOCAL_RANK 1, 2, ...)."""
+    return (
+        int(os.environ.get("LOCAL_RANK") or 0) > 0
+        and bool(os.environ.get(RUN_DIR_ENV))
+        and os.environ.get(_RUN_DIR_OWNER_ENV) == str(os.getppid())
+    )
 
 
 def _wandb_logged_in() -> bool:
@@ -77,6 +106,15 @@ def _wandb_logged_in() -> bool:
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return bool(auth and auth[2])
+
+
+def _previous_wandb_id(run_dir: Path) -> str | None:
+    """The id of the W&B run in ``run_dir/wandb`` (``latest-run`` -> ``[offline-]run-<time>-<id>``), or None."""
+    latest = run_dir / "wandb" / "latest-run"
+    if not latest.exists():
+        return None
+    name = latest.resolve().name
+    return name.rsplit("-", 1)[1] if name.count("-") >= 2 else None
 
 
 def _as_list(value: Any) -> list:
@@ -101,6 +139,10 @@ class AvatarCLI(LightningCLI):
         parser.add_argument("--runs_root", type=str, default="runs", help="folder holding <stage>/<run_name>/")
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: timestamp)")
         parser.add_argument("--run_dir", type=str | None, default=None, help="exact run folder (resume: + --ckpt_path last)")
+        parser.add_argument(
+            "--checkpoint_every_n_batches", type=int, default=100,
+            help="write checkpoints/last.ckpt every N training batches (0: only at validation and at the end)",
+        )
         parser.link_arguments("data.expression_dim", "model.init_args.expression_dim", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
@@ -110,6 +152,8 @@ class AvatarCLI(LightningCLI):
         cfg = self.config[sub]
         self.stage = stage_of(cfg.model.class_path)
         self.runs_root = cfg.runs_root
+        if cfg.checkpoint_every_n_batches < 0:
+            self.parser.error(f"--checkpoint_every_n_batches must be >= 0, got {cfg.checkpoint_every_n_batches}")
 
         # a stage that builds on another checks its checkpoint before any folder is made
         upstream = getattr(_model_class(cfg.model.class_path), "upstream", None)
@@ -127,19 +171,27 @@ class AvatarCLI(LightningCLI):
             clean["ckpt_path"] = None
         config_text = self._parser(sub).dump(clean, skip_unset=False)
 
-        if _global_rank() != 0 and os.environ.get(RUN_DIR_ENV):
-            # another rank of a run whose folder rank 0 already resolved and created
+        ckpt = cfg.get("ckpt_path")
+        rank = _global_rank()
+        if _started_by_rank_zero():
+            # a rank Lightning's launcher started from rank 0, which resolved and created the folder
             run_dir = Path(os.environ[RUN_DIR_ENV])
-            ckpt = cfg.get("ckpt_path")
+            ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if ckpt == "last" else ckpt
+        elif rank != 0:
+            # a rank torchrun/SLURM started beside rank 0: it creates nothing; the folder named here is
+            # replaced by rank 0's when the ranks meet (RunFolder.setup broadcasts it)
+            if cfg.run_dir is not None:
+                run_dir = Path(cfg.run_dir)
+            else:
+                run_dir = Path(cfg.runs_root) / self.stage / (cfg.run_name or f".rank{rank}-awaiting-rank0")
             ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if ckpt == "last" else ckpt
         else:
             try:
-                run_dir, ckpt_path = resolve_run_dir(
-                    self.stage, sub, cfg.runs_root, cfg.run_name, cfg.run_dir, cfg.get("ckpt_path")
-                )
+                run_dir, ckpt_path = resolve_run_dir(self.stage, sub, cfg.runs_root, cfg.run_name, cfg.run_dir, ckpt)
             except RunFolderError as err:
                 self.parser.error(str(err))
             os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+            os.environ[_RUN_DIR_OWNER_ENV] = str(os.getpid())
         self.run_dir = run_dir
         rank_zero_info(f"run folder: {run_dir}")
         if "ckpt_path" in cfg:
@@ -152,6 +204,9 @@ class AvatarCLI(LightningCLI):
             if class_path.endswith("WandbLogger"):
                 logger.init_args.save_dir = str(run_dir)
                 logger.init_args.name = logger.init_args.get("name") or f"{self.stage}/{run_dir.name}"
+                if ckpt == "last" and not logger.init_args.get("id") and not os.environ.get("WANDB_RUN_ID"):
+                    logger.init_args.id = _previous_wandb_id(run_dir)  # the resumed fit continues its W&B run
+                    logger.init_args.resume = logger.init_args.get("resume") or "allow"
                 if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
                     os.environ["WANDB_MODE"] = "offline"  # no account or network needed; sweeps run online
                     rank_zero_info("W&B: not logged in and WANDB_MODE unset -> offline run in the run folder")
@@ -159,7 +214,7 @@ class AvatarCLI(LightningCLI):
                 logger.init_args.save_dir = str(run_dir)
                 logger.init_args.name = ""
                 logger.init_args.version = "csv"
-        self._config_text = config_text if _global_rank() == 0 else None
+        self._config_text = config_text if rank == 0 and not _started_by_rank_zero() else None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
@@ -172,9 +227,13 @@ class AvatarCLI(LightningCLI):
 
         callbacks = _as_list(config.get("callbacks"))
         callbacks.append(RunFolder(self.run_dir, self._config_text))
-        if config.get("enable_checkpointing", True) is not False and not any(
-            isinstance(cb, ModelCheckpoint) for cb in callbacks
-        ):
+        if not any(isinstance(cb, RandomState) for cb in callbacks):
+            callbacks.append(RandomState())  # exact resume: RNG states in every checkpoint
+        checkpointing = config.get("enable_checkpointing", True) is not False
+        every = self.config[self.subcommand].checkpoint_every_n_batches
+        if checkpointing and every > 0:  # a run killed without warning resumes from at most `every` batches back
+            callbacks.append(PeriodicCheckpoint(self.run_dir / "checkpoints", every))
+        if checkpointing and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             monitor = getattr(self.model, "monitor", None)
             callbacks.append(
                 ModelCheckpoint(
@@ -190,6 +249,14 @@ class AvatarCLI(LightningCLI):
         config["callbacks"] = callbacks
         return self._instantiate_trainer(config, extra_callbacks)
 
+    def after_instantiate_classes(self) -> None:
+        strategy = self.trainer.strategy
+        if getattr(self.model, "ddp_find_unused_parameters", False) and isinstance(strategy, DDPStrategy):
+            # manual optimisation in phases (GAR: N, G, D): each backward reaches one optimizer's
+            # parameters only, so DDP must look for the unused ones, as strategy
+            # "ddp_find_unused_parameters_true" does; plain "ddp" (or "auto") gets it here (no public setter)
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+
     def after_fit(self) -> None:
         if self.trainer.is_global_zero and self.trainer.state.status == "finished" and not self.trainer.interrupted:
             link = point_latest(self.run_dir, self.runs_root, self.stage)
@@ -201,7 +268,27 @@ def run_cli(args: list[str] | None = None) -> AvatarCLI:
     """Parse ``args`` (None: ``sys.argv[1:]``), run the subcommand, return the CLI (model, trainer, run_dir)."""
     if args is None and len(sys.argv) == 1:
         sys.argv.append("--help")
-    return AvatarCLI(args=args)
+    before = _active_wandb_run()
+    try:
+        cli = AvatarCLI(args=args)
+    except BaseException:
+        _finish_wandb_run(before, exit_code=1)
+        raise
+    _finish_wandb_run(before, exit_code=0)
+    return cli
+
+
+def _active_wandb_run() -> Any:
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else wandb.run
+
+
+def _finish_wandb_run(before: Any, exit_code: int) -> None:
+    """End the W&B run this CLI call started (Lightning leaves it open, and a later WandbLogger in the
+    same process, e.g. the next stage of an in-process chain, would log into it)."""
+    run = _active_wandb_run()
+    if run is not None and run is not before:
+        run.finish(exit_code=exit_code)
 
 
 def main() -> None:

@@ -94,8 +94,13 @@ def student_flop_target(student: Student) -> FlopTarget:
         return count_flops(CanonicalForward(student), (points, *graph.tensors()))
 
     def per_frame(n: int):
-        with torch.no_grad():
-            cached = student.canonical()
+        modes = [(m, m.training) for m in student.modules()]
+        try:  # eval: counting must not update batch-norm statistics (a resumed fit counts again)
+            with torch.no_grad():
+                cached = student.eval().canonical()
+        finally:
+            for module, training in modes:
+                module.train(training)
         expression = like.new_zeros(1, student.expression_dim)
         world_mat = torch.eye(3, 4, dtype=like.dtype, device=like.device)[None].clone()
         world_mat[0, 2, 3] = 4.0

@@ -19,11 +19,16 @@ An EMA copy of G renders for evaluation. Test frames are scored for ``student`` 
 rasterized colours), ``gar`` (z and expression from E) and ``gar_meanz`` (z = the running mean of
 the training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
 loss stays below ``collapse_threshold`` for ``collapse_patience`` steps.
+
+Reenactment: ``lightning predict ... --data.init_args.driving_video VIDEO`` renders ``gar_meanz``
+with a driving video's expressions and head motion (:meth:`GARModule.predict_step`,
+:mod:`datamodules.driving`) into ``renders/reenact.mp4``.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -86,6 +91,9 @@ class GARModule(pl.LightningModule):
     upstream = ("distill", "student_ckpt")
     monitor = "gar/val/psnr"
     monitor_mode = "max"
+    #: each phase's backward reaches one optimizer's parameters: the CLI turns on DDP's search for
+    #: unused parameters (as strategy="ddp_find_unused_parameters_true" does)
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,
@@ -142,6 +150,7 @@ class GARModule(pl.LightningModule):
         self.metrics = HeldOutMetrics(MODELS)
         self.swd = torch.nn.ModuleDict({m: SlicedWasserstein(patches_per_image=64) for m in MODELS[1:]})
         self._evaluated_splits: set[str] = set()
+        self._frame_cost: dict[str, float] = {}  # ms_per_frame/gar, flops_per_frame/gar (test)
         self._collapse_warned = False
 
     # -- the frozen student --------------------------------------------------------------------------
@@ -251,8 +260,9 @@ class GARModule(pl.LightningModule):
         # EMA with the usual warm-up: early on the average follows G instead of staying at its init
         batches = self._batch_number()
         ema_update(self.generator_ema, self.generator, min(self.hparams.ema_decay, (1 + batches) / (10 + batches)))
-        with torch.no_grad():
-            self.z_mean.lerp_(z.detach().mean(0).to(self.z_mean), 0.05)
+        with torch.no_grad():  # the mean over every rank's frames, so all ranks hold one z_mean
+            z_batch = self.trainer.strategy.reduce(z.detach().float().mean(0), reduce_op="mean")
+            self.z_mean.lerp_(z_batch.to(self.z_mean), 0.05)
         logs.update(terms)
         logs["loss_g"] = loss_g
 
@@ -290,9 +300,14 @@ class GARModule(pl.LightningModule):
         z, expression = self.encoder(target, batch.mask)
         inputs, _, _ = self.raster_inputs(batch, expression)
         gar = self.generator_ema(inputs, z)
-        tracked_inputs, _, _ = self.raster_inputs(batch, batch.expression)
-        gar_meanz = self.generator_ema(tracked_inputs, self.z_mean.expand(len(batch), -1))
-        return {"student": self.render_student(batch), "gar": gar, "gar_meanz": gar_meanz}
+        return {"student": self.render_student(batch), "gar": gar, "gar_meanz": self.render_meanz(batch)}
+
+    @torch.no_grad()
+    def render_meanz(self, batch) -> torch.Tensor:
+        """The EMA generator's render (B, 3, H, W) of ``batch.expression`` posed by ``batch.world_mat``
+        through ``batch.K``, with z = the mean training z (``gar_meanz``; also the reenactment render)."""
+        inputs, _, _ = self.raster_inputs(batch, batch.expression)
+        return self.generator_ema(inputs, self.z_mean.expand(len(batch), -1))
 
     def _eval_step(self, batch) -> None:
         renders = self.render_all(batch)
@@ -323,6 +338,32 @@ class GARModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self._frame_costs(batch)
+
+    @torch.no_grad()
+    def _frame_costs(self, batch, repeats: int = 3) -> None:
+        """``ms_per_frame/gar`` and ``flops_per_frame/gar`` of one frame of ``gar_meanz``.
+
+        The per-frame path: the student's deformation by the expression, rasterization at every
+        scale and the EMA generator (student canonical outputs cached). Milliseconds time the
+        whole path (mean of ``repeats`` after a warm-up); FLOPs (fvcore, one multiply-add = one
+        flop) count the deformation and the generator, the rasterizer left out as for the other
+        models (DESIGN.md, "Counting rules").
+        """
+        from lightning_modules.flops import count_flops
+
+        one = type(batch)(**{k: v[:1] for k, v in vars(batch).items()})
+        self.render_meanz(one)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.render_meanz(one)
+        self._frame_cost["ms_per_frame/gar"] = 1000 * (time.perf_counter() - start) / repeats
+        inputs, _, _ = self.raster_inputs(one, one.expression)
+        z = self.z_mean.expand(1, -1)
+        deform = count_flops(self.student.deform, (self._student_canonical(), one.expression)).total
+        generate = count_flops(self.generator_ema, (inputs, z)).total
+        self._frame_cost["flops_per_frame/gar"] = deform + generate
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -332,11 +373,23 @@ class GARModule(pl.LightningModule):
         """Grid columns: ground truth | student | gar | gar_meanz."""
         return {"ground_truth": composite_on_white(batch.image, batch.mask), **self.render_all(batch)}
 
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Reenactment (``lightning predict`` with ``--data.init_args.driving_video``; datamodules/driving.py).
+
+        Returns:
+            ``{"reenact": (B, 3, H, W), "driver": (B, 3, H, W)}`` in [0, 1]: the avatar with the
+            batch's (driving) expressions and poses and z = the mean training z, and the batch's
+            own frames; :class:`~lightning_modules.callbacks.RenderLogger` writes the first as
+            ``renders/reenact.mp4`` and both side by side as ``renders/reenact_side_by_side.mp4``.
+        """
+        return {"reenact": self.render_meanz(batch).clamp(0, 1), "driver": batch.image}
+
     def run_metrics(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {
             "params/student": sum(p.numel() for p in self.student.canonical_network_parameters()),
             "params/gar": sum(p.numel() for p in self.generator.parameters()),
             "num_points": self.student.num_points,
+            **self._frame_cost,
         }
         for split in self._evaluated_splits:
             for model in ("student", "gar", "gar_meanz"):
@@ -354,8 +407,10 @@ class GARModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["collapse_monitor"] = self.collapse.state_dict()
+        checkpoint["collapse_warned"] = self._collapse_warned  # a resumed run does not warn twice
         checkpoint["num_points"] = self.student.num_points
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "collapse_monitor" in checkpoint:
             self.collapse.load_state_dict(checkpoint["collapse_monitor"])
+        self._collapse_warned = bool(checkpoint.get("collapse_warned", False))

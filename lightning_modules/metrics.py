@@ -59,8 +59,9 @@ class HeldOutMetrics(nn.Module):
     @torch.no_grad()
     def update(self, model: str, pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> None:
         """Add a batch: ``pred`` (B, 3, H, W) render on white; ``image``/``mask`` the batch's frames."""
-        target = composite_on_white(image.float(), mask.float())
-        self.collections[model].update(pred.float().clamp(0, 1), target)
+        with torch.autocast(device_type=pred.device.type, enabled=False):  # float32 under mixed precision too
+            target = composite_on_white(image.float(), mask.float())
+            self.collections[model].update(pred.float().clamp(0, 1), target)
 
     def compute(self, split: str) -> dict[str, float]:
         """The metrics of every model updated since the last reset, as flat metrics.json keys."""

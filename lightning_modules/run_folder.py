@@ -26,6 +26,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import yaml
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = [
@@ -180,6 +182,20 @@ def point_latest(run_dir: Path, runs_root: str | os.PathLike, stage: str) -> Pat
     return link
 
 
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as flat ``{"model.init_args.lr": 0.001, ...}`` (lists are values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().item() if value.numel() == 1 else value.detach().cpu().tolist()
@@ -198,6 +214,9 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
 
 class RunFolder(pl.Callback):
     """Writes config.yaml and metrics.json into the run folder and leaves ``last.ckpt`` on every fit end.
+
+    At setup every rank adopts rank 0's run folder, and rank 0 hands the resolved config to a
+    WandbLogger as the W&B run's config, keys dotted as on the command line (``model.init_args.lr``).
 
     Metrics come from three places: keys logged with ``self.log`` that match the schema
     (:func:`is_metric_key`), the module's optional ``run_metrics() -> dict`` (counts such as
@@ -251,11 +270,18 @@ class RunFolder(pl.Callback):
 
     # -- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # ranks that torchrun or SLURM started beside rank 0 parsed the CLI on their own: all take its folder
+        self.run_dir = Path(trainer.strategy.broadcast(str(self.run_dir), src=0))
         if trainer.is_global_zero:
             self.renders_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             if self.config_text is not None and not (self.run_dir / "config.yaml").exists():
                 (self.run_dir / "config.yaml").write_text(self.config_text)
+            if self.config_text is not None:
+                config = _dotted(yaml.safe_load(self.config_text))  # {"model.init_args.lr": 0.001, ...}
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger):  # the W&B run's config: our keys, as sweeps name them
+                        logger.log_hyperparams(config)
             if self.metrics_path.is_file():  # a resumed run keeps its earlier rows
                 self.metrics = {**json.loads(self.metrics_path.read_text()), **self.metrics}
 

@@ -191,8 +191,9 @@ class SlicedWasserstein(Metric):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 1 + self._num_updates)
         self._num_updates += 1
         b, k, p = preds.shape[0], self.patches_per_image, self.patch_size
-        pyr_p = laplacian_pyramid(preds.detach().float(), self.num_levels)
-        pyr_t = laplacian_pyramid(target.detach().float(), self.num_levels)
+        with torch.autocast(device_type=preds.device.type, enabled=False):  # float32 under bf16-mixed too
+            pyr_p = laplacian_pyramid(preds.detach().float(), self.num_levels)
+            pyr_t = laplacian_pyramid(target.detach().float(), self.num_levels)
         for level, (lp, lt) in enumerate(zip(pyr_p, pyr_t)):
             h, w = lp.shape[-2:]
             rows = torch.randint(0, h - p + 1, (b, k), generator=gen)

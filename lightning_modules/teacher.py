@@ -126,6 +126,9 @@ class TeacherModule(pl.LightningModule):
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
         self.metrics = HeldOutMetrics(("teacher", "baseline_mean"))
         self.register_buffer("visibility", torch.zeros(max_points), persistent=False)
+        # each rank accumulates its own frames' visibility (summed over ranks before pruning): DDP
+        # must not overwrite it with rank 0's, as it does module buffers at every forward
+        self._ddp_params_and_buffers_to_ignore = ["visibility"]
         self._eval_canonical: CanonicalOutput | None = None
         self._evaluated_splits: set[str] = set()
         self._visibility_batches = 0  # training batches accumulated into `visibility` this epoch
@@ -253,6 +256,15 @@ class TeacherModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_points"] = self.teacher.num_active
         checkpoint["model_class"] = f"{type(self.teacher).__module__}.{type(self.teacher).__qualname__}"
+        # the epoch's visibility so far, so a fit resumed mid-epoch prunes on all of it (exact resume;
+        # under DDP this is rank 0's share, loaded by every rank)
+        checkpoint["visibility"] = {"sum": self.visibility.detach().cpu().clone(), "batches": self._visibility_batches}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("visibility")
+        if saved is not None:
+            self.visibility.copy_(saved["sum"].to(self.visibility))
+            self._visibility_batches = int(saved["batches"])
 
     def extra_repr(self) -> str:
         return f"points={self.teacher.num_active}/{self.hparams.max_points}, radius={float(self.teacher.radius):.4g}"

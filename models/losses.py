@@ -83,15 +83,16 @@ def gaussian_ssim(
     c = pred.shape[1]
     w = _gaussian_window(window, sigma, c, pred.device, pred.dtype)
     pad = (window // 2,) * 4
-    pred, target = F.pad(pred, pad, mode="reflect"), F.pad(target, pad, mode="reflect")
-    mu_x = F.conv2d(pred, w, groups=c)
-    mu_y = F.conv2d(target, w, groups=c)
-    sxx = (F.conv2d(pred * pred, w, groups=c) - mu_x**2).clamp_min(0)
-    syy = (F.conv2d(target * target, w, groups=c) - mu_y**2).clamp_min(0)
-    sxy = F.conv2d(pred * target, w, groups=c) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    return ssim_map.mean()
+    with torch.autocast(device_type=pred.device.type, enabled=False):  # float32 convolutions under mixed precision
+        pred, target = F.pad(pred, pad, mode="reflect"), F.pad(target, pad, mode="reflect")
+        mu_x = F.conv2d(pred, w, groups=c)
+        mu_y = F.conv2d(target, w, groups=c)
+        sxx = (F.conv2d(pred * pred, w, groups=c) - mu_x**2).clamp_min(0)
+        syy = (F.conv2d(target * target, w, groups=c) - mu_y**2).clamp_min(0)
+        sxy = F.conv2d(pred * target, w, groups=c) - mu_x * mu_y
+        c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+        return ssim_map.mean()
 
 
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

