@@ -76,7 +76,10 @@ class GARModule(pl.LightningModule):
         gan_loss: "logistic" (non-saturating) or "hinge".
         loss_weights: {l1, ssim, adv, expression, normal, z_swap, z_reg}; 0 switches a term off.
         r1_gamma, r1_every: lazy R1 (gamma / 2 * every * R1 every ``r1_every`` D steps).
-        lr_g, lr_d: Adam learning rates (betas 0, 0.99) of G+E and of D; the normal estimator uses lr_g.
+        lr_g, lr_d: Adam learning rates of G+E and of D; the normal estimator uses lr_g.
+        betas_g, betas_d: their Adam betas. G: StyleGAN2's (0, 0.99); D: pix2pixHD's (0.5, 0.999) at
+            lr 2e-4. Our convolutions have no equalised learning rate, and at StyleGAN2's lr 2e-3 with
+            beta1 = 0 the PatchGAN stays at chance (D loss 2 log 2) on real frames against G's renders.
         ema_decay: of the evaluation copy of G (with warm-up: min(decay, (1 + n) / (10 + n)) at batch n).
         collapse_threshold, collapse_patience: the D-collapse health signal.
         points_per_pixel: rasterizer setting.
@@ -112,7 +115,9 @@ class GARModule(pl.LightningModule):
         r1_gamma: float = 1.0,
         r1_every: int = 4,
         lr_g: float = 2e-3,
-        lr_d: float = 2e-3,
+        lr_d: float = 2e-4,
+        betas_g: tuple[float, float] = (0.0, 0.99),
+        betas_d: tuple[float, float] = (0.5, 0.999),
         ema_decay: float = 0.99,
         collapse_threshold: float = 1e-2,
         collapse_patience: int = 100,
@@ -399,9 +404,9 @@ class GARModule(pl.LightningModule):
     # -- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        betas = (0.0, 0.99)
-        opt_g = torch.optim.Adam([*self.generator.parameters(), *self.encoder.parameters()], lr=hp.lr_g, betas=betas)
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=betas)
+        params_g = [*self.generator.parameters(), *self.encoder.parameters()]
+        opt_g = torch.optim.Adam(params_g, lr=hp.lr_g, betas=tuple(float(b) for b in hp.betas_g))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(float(b) for b in hp.betas_d))
         opt_n = torch.optim.Adam(self.normal_estimator.parameters(), lr=hp.lr_g)
         return [opt_g, opt_d, opt_n]
 
