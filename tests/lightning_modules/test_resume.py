@@ -242,12 +242,19 @@ def _batches_done(ckpt: dict) -> int:
     return ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
 
 
+#: Float tolerance of "the same weights". Two uninterrupted runs in separate processes can differ in a
+#: few elements by ~1e-6 (SIMD summation order follows memory alignment; Adam scales such noise in
+#: near-zero gradients up to steps of size lr), while a resume that replays or skips a batch, or
+#: draws other random numbers, moves the weights by about lr (1e-4 .. 3e-3) everywhere.
+RTOL, ATOL = 1e-5, 1e-5
+
+
 def _assert_same_weights(resumed: dict, reference: dict, prefix: str = "") -> int:
     keys = sorted(k for k in reference["state_dict"] if k.startswith(prefix))
     assert keys and keys == sorted(k for k in resumed["state_dict"] if k.startswith(prefix))
     for key in keys:
         torch.testing.assert_close(
-            resumed["state_dict"][key], reference["state_dict"][key], rtol=1e-6, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}"
+            resumed["state_dict"][key], reference["state_dict"][key], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}"
         )
     return len(keys)
 
@@ -316,7 +323,7 @@ def test_distill_killed_mid_epoch_resumes_to_the_same_student(teacher_run, tmp_p
     assert resumed["global_step"] == reference["global_step"] == 6
     assert _assert_same_weights(resumed, reference, "student.") > 10
     _assert_same_weights(resumed, reference)  # the adapter too
-    torch.testing.assert_close(resumed["student"]["state_dict"], reference["student"]["state_dict"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(resumed["student"]["state_dict"], reference["student"]["state_dict"], rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow
@@ -335,6 +342,6 @@ def test_gar_killed_during_validation_resumes_to_the_same_weights(distill_run, t
         _assert_same_weights(resumed, reference, prefix)
     for opt_resumed, opt_reference in zip(resumed["optimizer_states"], reference["optimizer_states"], strict=True):
         for index, state in opt_reference["state"].items():
-            torch.testing.assert_close(opt_resumed["state"][index], state, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(opt_resumed["state"][index], state, rtol=RTOL, atol=1e-7)
     assert resumed["collapse_monitor"] == reference["collapse_monitor"]
     assert resumed["collapse_warned"] == reference["collapse_warned"]
