@@ -33,6 +33,10 @@ class AvatarBatch:
         """Move every tensor (Lightning calls this through ``transfer_batch_to_device``)."""
         return AvatarBatch(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
 
+    def head(self, n: int) -> AvatarBatch:
+        """The first ``n`` frames as a batch (views, no copy), e.g. ``head(1)`` to time one frame."""
+        return AvatarBatch(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
     def __len__(self) -> int:
         return self.image.shape[0]
 

@@ -302,7 +302,7 @@ class DistillModule(pl.LightningModule):
     @torch.no_grad()
     def _time_frames(self, batch, repeats: int = 3) -> None:
         """Milliseconds per frame of the per-frame path (deform, shade, rasterize; canonical cached)."""
-        one = type(batch)(**{k: v[:1] for k, v in vars(batch).items()})
+        one = batch.head(1)
         cached = self.student.canonical()
         for name, render in (("teacher", self.render_teacher), ("student", lambda b: self.render_student(b, cached))):
             render(one)  # warm-up

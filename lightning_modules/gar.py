@@ -358,7 +358,7 @@ class GARModule(pl.LightningModule):
         """
         from lightning_modules.flops import count_flops
 
-        one = type(batch)(**{k: v[:1] for k, v in vars(batch).items()})
+        one = batch.head(1)
         self.render_meanz(one)  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
