@@ -145,8 +145,11 @@ class _Generator(torch.nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, *maps_and_z: torch.Tensor) -> torch.Tensor:
-        return self.generator(list(maps_and_z[:-1]), maps_and_z[-1])
+    def forward(self, *maps_z_base: torch.Tensor) -> torch.Tensor:
+        """maps (one per scale), z, then the base image when the generator is residual."""
+        n = self.generator.num_scales
+        base = maps_z_base[n + 1] if self.generator.residual else None
+        return self.generator(list(maps_z_base[:n]), maps_z_base[n], base)
 
 
 def seconds_per_frame(fn, frames, repeats: int) -> float:
@@ -189,11 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on the generator's shape checks
         session = ort.InferenceSession(str(export_graph(graph, z, Path(tmp) / "gar_frame.onnx")), options)
-        maps = graph.raster_inputs(*frames[0])
-        torch.onnx.export(_Generator(graph.generator), (*maps, z_b), str(Path(tmp) / "g.onnx"), dynamo=False,
-                          opset_version=OPSET, input_names=[f"map{s}" for s in range(len(maps))] + ["z"])
+        maps, base = graph.raster_inputs(*frames[0])
+        extra = (base,) if base is not None else ()
+        torch.onnx.export(_Generator(graph.generator), (*maps, z_b, *extra), str(Path(tmp) / "g.onnx"), dynamo=False,
+                          opset_version=OPSET,
+                          input_names=[f"map{s}" for s in range(len(maps))] + ["z"] + ["base"] * len(extra))
         gen_session = ort.InferenceSession(str(Path(tmp) / "g.onnx"), options)
-    gen_feed = {**{f"map{s}": m.numpy() for s, m in enumerate(maps)}, "z": z_b.numpy()}
+    gen_feed = {**{f"map{s}": m.numpy() for s, m in enumerate(maps)}, "z": z_b.numpy(),
+                **({"base": base.numpy()} if base is not None else {})}
 
     def run_ort(expression, world_mat, K):
         return session.run(None, {"expression": expression.numpy(), "world_mat": world_mat.numpy(), "K": K.numpy()})

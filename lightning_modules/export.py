@@ -89,6 +89,8 @@ class GARFrameGraph(nn.Module):
         generator: the GAR generator (evaluation copy; used as given, not copied).
         image_size: S, the square output size in pixels (divisible by 2^(num_scales - 1)).
         points_per_pixel: rasterizer setting of the run.
+        albedo: (N, 3) float32 student albedo and ``shading`` the student's shading MLP: the
+            colours of the base image a residual generator refines (required then, else unused).
 
     Shapes:
         forward(expression (B, E), world_mat (B, 3, 4), K (B, 3, 3), z (B, z_dim)) -> (B, 3, S, S)
@@ -109,9 +111,14 @@ class GARFrameGraph(nn.Module):
         generator: GARGenerator,
         image_size: int,
         points_per_pixel: int,
+        albedo: torch.Tensor | None = None,
+        shading: nn.Module | None = None,
     ) -> None:
         super().__init__()
         n = points.shape[0]
+        if generator.residual and (albedo is None or shading is None or albedo.shape != (n, 3)):
+            raise ValueError(f"a residual generator refines the student's render: pass albedo (N, 3) = ({n}, 3) "
+                             "and the student's shading MLP")
         if points.shape != (n, 3) or offset.shape != (n, 3) or normals.shape != (n, 3):
             raise ValueError(
                 f"points, offset and normals must be (N, 3), got {tuple(points.shape)}, {tuple(offset.shape)}, "
@@ -133,6 +140,8 @@ class GARFrameGraph(nn.Module):
                         ("normals", normals), ("feature", feature)):
             self.register_buffer(name, t.detach().float().clone())
         self.register_buffer("radius", torch.as_tensor(radius).detach().float().clone().reshape(()))
+        self.albedo = None if albedo is None else nn.Buffer(albedo.detach().float().clone())
+        self.shading = shading
         scales = []
         for s in range(generator.num_scales):
             scale = torch.ones(3, 3)
@@ -148,25 +157,35 @@ class GARFrameGraph(nn.Module):
         """E, the expression code size."""
         return self.blendshapes.shape[1]
 
-    def raster_inputs(self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor) -> list[torch.Tensor]:
-        """The generator's inputs: a list over scales of (B, C_s + 4, S / 2^s, S / 2^s)."""
+    def raster_inputs(
+        self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The generator's inputs: a list over scales of (B, C_s + 4, S / 2^s, S / 2^s), and the
+        base image (B, 3, S, S) of a residual generator (else None)."""
         points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
         normals_cam = rotate_normals(self.normals, world_mat)  # (B, N, 3)
         features = torch.cat([self.feature.expand(points.shape[0], -1, -1), normals_cam], -1)  # (B, N, C_s + 3)
         c = self.feature.shape[1]
-        inputs = []
+        inputs, base = [], None
         for s in range(self.generator.num_scales):
             K_s = K * self.k_scale[s]  # (B, 3, 3)
             r_px = pixel_radius(points, world_mat, K_s, self.radius)  # (B, N)
             size = self.image_size // 2**s
+            channels = features
+            if s == 0 and self.generator.residual:  # the student's colours (models.frame.shade_points)
+                colors = torch.clamp(2.0 * self.shading(normals_cam) * self.albedo, 0.0, 1.0)
+                channels = torch.cat([features, colors], -1)
             out = rasterize_points_exportable(
-                points, features, world_mat, K_s, (size, size), r_px, self.points_per_pixel, background=0.0
+                points, channels, world_mat, K_s, (size, size), r_px, self.points_per_pixel, background=0.0
             )
-            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c:], out.alpha))
-        return inputs
+            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c : c + 3], out.alpha))
+            if s == 0 and self.generator.residual:
+                base = out.image[:, c + 3 :] + (1.0 - out.alpha)
+        return inputs, base
 
     def forward(self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.generator(self.raster_inputs(expression, world_mat, K), z)
+        inputs, base = self.raster_inputs(expression, world_mat, K)
+        return self.generator(inputs, z, base)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -220,6 +239,7 @@ def load_gar_module(run_dir: str | Path) -> GARModule:
     checkpoint = _read_checkpoint(run_dir)
     init_args = _init_args(checkpoint["hyper_parameters"])
     module = GARModule(**init_args)
+    module.on_load_checkpoint(checkpoint)  # what Lightning does on load (older runs' missing buffers)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:  # e.g. runs/distill/latest now points at another student
@@ -261,6 +281,7 @@ def frame_graph(module) -> GARFrameGraph:
         normals=canonical.normals, feature=canonical.feature, radius=module.student.radius,
         generator=copy.deepcopy(module.generator_ema).eval(), image_size=module.hparams.image_size,
         points_per_pixel=module.hparams.points_per_pixel,
+        albedo=canonical.albedo, shading=copy.deepcopy(module.student.shading),
     ).eval()
 
 

@@ -28,8 +28,9 @@ with a driving video's expressions and head motion (:meth:`GARModule.predict_ste
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -57,7 +58,24 @@ from models.losses import masked_l1, ssim_loss
 from models.rasterizer import rasterize_points
 from models.renderer import GARGenerator, ema_update, pack_raster_inputs
 
-__all__ = ["GARModule"]
+__all__ = ["GARModule", "GeneratorInputs"]
+
+
+class GeneratorInputs(NamedTuple):
+    """What the stage rasterizes for G from the student posed by an expression.
+
+    Attributes:
+        inputs: list over scales s of (B, C_s + 4, H / 2^s, W / 2^s) [f_s, normal map, alpha].
+        normal_map: (B, 3, H, W) full-size camera-space normal map (background 0).
+        alpha: (B, 1, H, W) full-size accumulated alpha.
+        base: (B, 3, H, W) the student's rasterized colours on white, the image a residual G
+            refines; None when the module's ``residual`` is off.
+    """
+
+    inputs: list
+    normal_map: torch.Tensor
+    alpha: torch.Tensor
+    base: torch.Tensor | None
 
 DEFAULT_LOSS_WEIGHTS = {
     "l1": 1.0, "ssim": 0.2, "adv": 0.05, "expression": 1.0, "normal": 0.1, "z_swap": 0.1, "z_reg": 1e-3,
@@ -83,7 +101,14 @@ class GARModule(pl.LightningModule):
         ema_decay: of the evaluation copy of G (with warm-up: min(decay, (1 + n) / (10 + n)) at batch n).
         collapse_threshold, collapse_patience: the D-collapse health signal.
         points_per_pixel: rasterizer setting.
+        residual: G refines the student's rasterized render (its colours rasterized with the
+            features, ``GARGenerator(residual=True)``) instead of drawing the frame from the
+            features alone; the CPU demo turns it on (its few GAN steps start from the student's
+            render rather than from grey).
         seed: seeds the z-swap permutations (one generator per step).
+        invert_steps, invert_lr: GAR's inversion for the ``gar`` row (:meth:`invert`): E's (z,
+            expression) refined by this many Adam steps through the frozen EMA generator; 0 = E's
+            output as it is.
 
     Raises:
         UpstreamMissingError: no student checkpoint (one line naming the command that makes it).
@@ -123,6 +148,9 @@ class GARModule(pl.LightningModule):
         collapse_patience: int = 100,
         points_per_pixel: int = 10,
         seed: int = 0,
+        residual: bool = False,
+        invert_steps: int = 20,
+        invert_lr: float = 0.05,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -145,7 +173,9 @@ class GARModule(pl.LightningModule):
             self.register_buffer(f"student_{name}", getattr(canonical, name).detach().clone(), persistent=False)
 
         feature_channels = self.student.latent_dim
-        self.generator = GARGenerator(feature_channels, z_dim, num_scales, base_channels, mapping_layers)
+        self.generator = GARGenerator(
+            feature_channels, z_dim, num_scales, base_channels, mapping_layers, residual=residual
+        )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.discriminator = MultiScalePatchDiscriminator(3, base_channels=disc_channels, num_scales=disc_scales)
         self.encoder = InverseEncoder(z_dim=z_dim, expression_dim=expression_dim, base_channels=encoder_channels)
@@ -173,32 +203,36 @@ class GARModule(pl.LightningModule):
             blendshapes=self.student_blendshapes, offset=self.student_offset, feature=self.student_feature,
         )
 
-    def raster_inputs(self, batch, expression: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """The generator's inputs for a batch posed by ``expression`` (B, E).
-
-        Returns:
-            (list over scales of (B, C_s + 4, H / 2^s, W / 2^s), full-size normal map (B, 3, H, W),
-            full-size alpha (B, 1, H, W)).
-        """
+    def raster_inputs(self, batch, expression: torch.Tensor) -> GeneratorInputs:
+        """The generator's inputs for a batch posed by ``expression`` (B, E) (see :class:`GeneratorInputs`)."""
         canonical = self._student_canonical()
         points = self.student.deform(canonical, expression)  # (B, N, 3)
         normals_cam = rotate_normals(canonical.normals, batch.world_mat)  # (B, N, 3)
         features = torch.cat([canonical.feature.expand(len(batch), -1, -1), normals_cam], -1)
         c = canonical.feature.shape[1]
         h, w = batch.image.shape[-2:]
-        inputs, normal_map, alpha = [], None, None
+        inputs, normal_map, alpha, base = [], None, None, None
         for s in range(self.hparams.num_scales):
             K = batch.K.clone()
             K[:, :2] = K[:, :2] / 2**s  # pixel edges scale with the image (centres at +0.5)
             r_px = pixel_radius(points, batch.world_mat, K, self.student.radius)
+            channels = features
+            if s == 0 and self.hparams.residual:  # + the student's colours: the base G refines
+                channels = torch.cat([features, self.student.shade(canonical, batch.world_mat)], -1)
             out = rasterize_points(
-                points, features, batch.world_mat, K, (h // 2**s, w // 2**s), r_px,
+                points, channels, batch.world_mat, K, (h // 2**s, w // 2**s), r_px,
                 self.hparams.points_per_pixel, background=0.0,
             )
-            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c:], out.alpha))
+            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c : c + 3], out.alpha))
             if s == 0:
-                normal_map, alpha = out.image[:, c:], out.alpha
-        return inputs, normal_map, alpha
+                normal_map, alpha = out.image[:, c : c + 3], out.alpha
+                if self.hparams.residual:
+                    base = out.image[:, c + 3 :] + (1.0 - out.alpha)  # the student's render on white
+        return GeneratorInputs(inputs, normal_map, alpha, base)
+
+    def generate(self, generator: GARGenerator, inputs: GeneratorInputs, z: torch.Tensor) -> torch.Tensor:
+        """``generator`` (G or its EMA copy) on :meth:`raster_inputs`' output: (B, 3, H, W) in (0, 1)."""
+        return generator(inputs.inputs, z, inputs.base)
 
     @torch.no_grad()
     def render_student(self, batch) -> torch.Tensor:
@@ -226,8 +260,8 @@ class GARModule(pl.LightningModule):
         # phase N: the normal estimator learns real frames -> rasterized normals (tracked expression)
         self.toggle_optimizer(opt_n)
         with torch.no_grad():
-            _, tracked_normals, tracked_alpha = self.raster_inputs(batch, batch.expression)
-        loss_n = normal_consistency_loss(self.normal_estimator(target), tracked_normals, tracked_alpha)
+            tracked = self.raster_inputs(batch, batch.expression)
+        loss_n = normal_consistency_loss(self.normal_estimator(target), tracked.normal_map, tracked.alpha)
         opt_n.zero_grad(set_to_none=True)
         self.manual_backward(loss_n)
         opt_n.step()
@@ -237,8 +271,9 @@ class GARModule(pl.LightningModule):
         # phase G (+E)
         self.toggle_optimizer(opt_g)
         z, expression = self.encoder(target, batch.mask)
-        inputs, normal_map, alpha = self.raster_inputs(batch, expression)
-        fake = self.generator(inputs, z)
+        inputs = self.raster_inputs(batch, expression)
+        normal_map, alpha = inputs.normal_map, inputs.alpha
+        fake = self.generate(self.generator, inputs, z)
         terms = {
             "l1": masked_l1(fake, target),
             "ssim": ssim_loss(fake, target),
@@ -251,7 +286,7 @@ class GARModule(pl.LightningModule):
         if w["z_swap"] > 0 and len(batch) > 1:
             generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed * 1_000_003 + self._batch_number())
             perm = z_swap_permutation(len(batch), generator).to(z.device)
-            swapped = self.generator(inputs, z[perm])
+            swapped = self.generate(self.generator, inputs, z[perm])
             z_back, _ = self.encoder(swapped, batch.mask)
             terms["z_swap"] = z_swap_loss(
                 self.normal_estimator(swapped), normal_map.detach(), alpha.detach(), z_back, z[perm]
@@ -298,21 +333,54 @@ class GARModule(pl.LightningModule):
         self.log("gar/train/loss", loss_g.detach(), prog_bar=True, batch_size=len(batch))
 
     # -- evaluation -------------------------------------------------------------------------------------
+    def invert(self, batch, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAR's inversion of frames: E's (z, expression) as the start, then gradient refinement
+        through the frozen renderer (Piao et al., CVPR 2021; REFERENCES.md, "Renderers").
+
+        ``steps`` Adam steps (lr ``invert_lr``) on L1 + w_ssim (1 - SSIM) of the EMA generator's
+        render against the frame on white. Only z and the codes move; no parameter or optimiser state is touched. Runs
+        inside Lightning's inference mode too (its own grad-enabled island on cloned inputs).
+
+        Args:
+            batch: frames to invert (image, mask, world_mat, K are used).
+            steps: refinement steps (default ``invert_steps``; 0 returns E's output).
+
+        Returns:
+            z (B, z_dim) and expression (B, E), detached.
+        """
+        steps = self.hparams.invert_steps if steps is None else int(steps)
+        with torch.no_grad():
+            target = composite_on_white(batch.image, batch.mask)
+            z, expression = self.encoder(target, batch.mask)
+        if steps <= 0:
+            return z, expression
+        with torch.inference_mode(False), torch.enable_grad():
+            frames = dataclasses.replace(batch, **{f: getattr(batch, f).clone() for f in ("image", "mask", "world_mat", "K")})
+            target = target.clone()
+            z = z.clone().requires_grad_(True)
+            code = expression.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([z, code], lr=self.hparams.invert_lr)
+            for _ in range(steps):
+                fake = self.generate(self.generator_ema, self.raster_inputs(frames, code), z)
+                loss = masked_l1(fake, target) + self.loss_weights["ssim"] * ssim_loss(fake, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return z.detach(), code.detach()
+
     @torch.no_grad()
     def render_all(self, batch) -> dict[str, torch.Tensor]:
-        """Test-time renders (B, 3, H, W): ``student``, ``gar`` (E's z and expression), ``gar_meanz``."""
-        target = composite_on_white(batch.image, batch.mask)
-        z, expression = self.encoder(target, batch.mask)
-        inputs, _, _ = self.raster_inputs(batch, expression)
-        gar = self.generator_ema(inputs, z)
+        """Test-time renders (B, 3, H, W): ``student``, ``gar`` (z and expression by :meth:`invert`), ``gar_meanz``."""
+        z, expression = self.invert(batch)
+        gar = self.generate(self.generator_ema, self.raster_inputs(batch, expression), z)
         return {"student": self.render_student(batch), "gar": gar, "gar_meanz": self.render_meanz(batch)}
 
     @torch.no_grad()
     def render_meanz(self, batch) -> torch.Tensor:
         """The EMA generator's render (B, 3, H, W) of ``batch.expression`` posed by ``batch.world_mat``
         through ``batch.K``, with z = the mean training z (``gar_meanz``; also the reenactment render)."""
-        inputs, _, _ = self.raster_inputs(batch, batch.expression)
-        return self.generator_ema(inputs, self.z_mean.expand(len(batch), -1))
+        inputs = self.raster_inputs(batch, batch.expression)
+        return self.generate(self.generator_ema, inputs, self.z_mean.expand(len(batch), -1))
 
     def _eval_step(self, batch) -> None:
         renders = self.render_all(batch)
@@ -364,10 +432,10 @@ class GARModule(pl.LightningModule):
         for _ in range(repeats):
             self.render_meanz(one)
         self._frame_cost["ms_per_frame/gar"] = 1000 * (time.perf_counter() - start) / repeats
-        inputs, _, _ = self.raster_inputs(one, one.expression)
+        inputs = self.raster_inputs(one, one.expression)
         z = self.z_mean.expand(1, -1)
         deform = count_flops(self.student.deform, (self._student_canonical(), one.expression)).total
-        generate = count_flops(self.generator_ema, (inputs, z)).total
+        generate = count_flops(self.generator_ema, (inputs.inputs, z, inputs.base)).total
         self._frame_cost["flops_per_frame/gar"] = deform + generate
 
     def on_test_epoch_end(self) -> None:

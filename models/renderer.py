@@ -57,6 +57,7 @@ from torch import Tensor, nn
 __all__ = ["GARGenerator", "MappingNetwork", "ModulatedConv2d", "ema_update", "pack_raster_inputs"]
 
 _LEAK = 0.2
+_BASE_EPS = 1e-3  # logit(base) is taken of base clamped to [eps, 1 - eps]
 
 
 def pack_raster_inputs(features: Tensor, normals: Tensor, alpha: Tensor) -> Tensor:
@@ -218,11 +219,16 @@ class GARGenerator(nn.Module):
         w_dim: size of w.
         use_noise: per-block noise (GAR). Applied in training mode only, so evaluation is
             deterministic; off by default.
+        residual: refine a base image instead of drawing from scratch: the output is
+            sigmoid(to_rgb(x) + logit(base)) with ``to_rgb``'s weights zero at init, so G starts
+            as the base (the student's rule-based render) and learns what the rasterizer misses
+            (our choice; the paper's G draws from the features alone, which the default keeps).
 
     Shapes:
         inputs: list of ``num_scales`` tensors, inputs[s] (B, C_s + 4, H / 2^s, W / 2^s) float,
         channels [f_s, camera-space normal (3), alpha (1)] (:func:`pack_raster_inputs`);
-        z: (B, z_dim). Output: (B, 3, H, W) RGB in (0, 1) (sigmoid).
+        z: (B, z_dim); base: (B, 3, H, W) in [0, 1], required when ``residual``, else None.
+        Output: (B, 3, H, W) RGB in (0, 1) (sigmoid).
 
     Raises:
         ValueError: (forward) when the number of scales, a shape or the divisibility of H, W by
@@ -238,6 +244,7 @@ class GARGenerator(nn.Module):
         mapping_layers: int = 2,
         w_dim: int = 64,
         use_noise: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if feature_channels < 1 or z_dim < 1 or num_scales < 1 or base_channels < 1 or w_dim < 1:
@@ -258,8 +265,11 @@ class GARGenerator(nn.Module):
             _RenderBlock(ch[s + 1] + ch[s], ch[s], w_dim, use_noise) for s in range(num_scales - 1)
         )  # decoder[s] outputs level s
         self.to_rgb = ModulatedConv2d(ch[0], 3, 1, w_dim, demodulate=False)
+        self.residual = bool(residual)
+        if self.residual:
+            nn.init.zeros_(self.to_rgb.weight)  # start as the base image
 
-    def _check(self, inputs: Sequence[Tensor], z: Tensor) -> None:
+    def _check(self, inputs: Sequence[Tensor], z: Tensor, base: Tensor | None = None) -> None:
         if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_scales:
             got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
             raise ValueError(f"inputs must be a list of {self.num_scales} maps (one per scale), got {got}")
@@ -282,9 +292,15 @@ class GARGenerator(nn.Module):
                 raise ValueError(f"inputs[{s}] must be (B, C_s + 4, H/2^{s}, W/2^{s}) = {want}, got {tuple(x.shape)}")
         if z.shape != (b, self.z_dim):
             raise ValueError(f"z must be (B, z_dim) = ({b}, {self.z_dim}), got {tuple(z.shape)}")
+        if self.residual and (base is None or tuple(base.shape) != (b, 3, h, w)):
+            got = None if base is None else tuple(base.shape)
+            raise ValueError(f"this generator refines a base image (residual=True): pass base (B, 3, H, W) = "
+                             f"{(b, 3, h, w)}, got {got}")
+        if not self.residual and base is not None:
+            raise ValueError("base is only used by a generator built with residual=True")
 
-    def forward(self, inputs: Sequence[Tensor], z: Tensor) -> Tensor:
-        self._check(inputs, z)
+    def forward(self, inputs: Sequence[Tensor], z: Tensor, base: Tensor | None = None) -> Tensor:
+        self._check(inputs, z, base)
         w = self.mapping(z)  # (B, w_dim)
         skips = []
         x = inputs[0]
@@ -296,7 +312,10 @@ class GARGenerator(nn.Module):
         for s in range(self.num_scales - 2, -1, -1):
             up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             x = self.decoder[s](torch.cat([up, skips[s]], dim=1), w)  # (B, ch[s], H/2^s, W/2^s)
-        return torch.sigmoid(self.to_rgb(x, w))  # (B, 3, H, W)
+        logits = self.to_rgb(x, w)  # (B, 3, H, W)
+        if self.residual:
+            logits = logits + torch.logit(base.clamp(0.0, 1.0), eps=_BASE_EPS)
+        return torch.sigmoid(logits)
 
 
 @torch.no_grad()

@@ -123,8 +123,8 @@ def test_a_mouth_code_changes_the_mouth_region_more_than_the_rest(gar_module):
             region |= cover.alpha[0, 0] > 0
         assert 0.02 < region.float().mean() < 0.6
         # what the generator sees changes inside the region only (exactly)
-        inputs_closed, _, _ = module.raster_inputs(batch, codes[:1].expand(3, -1))
-        inputs_open, _, _ = module.raster_inputs(batch, codes[1:2].expand(3, -1))
+        inputs_closed = module.raster_inputs(batch, codes[:1].expand(3, -1)).inputs
+        inputs_open = module.raster_inputs(batch, codes[1:2].expand(3, -1)).inputs
         change_in = (inputs_open[0] - inputs_closed[0]).abs().amax(1)[0]  # (H, W)
         assert change_in[~region].max() == 0 and change_in[region].max() > 0.01
         # the render: a code without a blendshape changes nothing; the mouth code changes the

@@ -113,6 +113,23 @@ class TestGARGeneratorWithNoiseContract(TestGARGeneratorContract):
     init_kwargs = dict(TestGARGeneratorContract.init_kwargs, use_noise=True)
 
 
+class TestResidualGARGeneratorContract(TestGARGeneratorContract):
+    """The residual generator (refines a base image), after training has moved ``to_rgb`` off zero."""
+
+    init_kwargs = dict(TestGARGeneratorContract.init_kwargs, residual=True)
+
+    def build(self, seed: int = 0) -> nn.Module:
+        model = super().build(seed)
+        with torch.no_grad():
+            model.to_rgb.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(seed))
+        return model
+
+    def make_inputs(self):
+        (inputs, z), _ = super().make_inputs()
+        base = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(3))
+        return (inputs, z, base), {}
+
+
 class TestDiscriminatorContract(ModelContract):
     model_class = MultiScalePatchDiscriminator
     init_kwargs = dict(base_channels=8)
@@ -213,6 +230,37 @@ def test_generator_uses_point_features_normals_and_z():
     for name, out in (("zeroed f_s", zeroed), ("permuted f_s", permuted), ("flipped normals", flipped), ("z", other_z)):
         assert (out - base).abs().mean() > 1e-3, name
     assert base.min() > 0 and base.max() < 1
+
+
+def test_residual_generator_starts_as_its_base_and_checks_it():
+    """residual=True: to_rgb starts at zero, so G returns sigmoid(logit(base)) = base (clamped to
+    [1e-3, 1 - 1e-3]) whatever the features and z; the base is required, and refused otherwise."""
+    torch.manual_seed(0)
+    gen = GARGenerator(feature_channels=5, z_dim=4, base_channels=8, w_dim=8, residual=True)
+    inputs, z = generator_inputs(5, 4, 3)
+    base = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(3))
+    base[0, :, :4] = 1.0  # white background
+    base[0, :, 4:8] = 0.0
+    with torch.no_grad():
+        out = gen(inputs, z, base)
+        out_other_z = gen(inputs, torch.randn(B, 4), base)
+    torch.testing.assert_close(out, base.clamp(1e-3, 1 - 1e-3), atol=1e-6, rtol=0)
+    assert torch.equal(out, out_other_z)
+    with pytest.raises(ValueError, match="pass base"):
+        gen(inputs, z)
+    with pytest.raises(ValueError, match="pass base"):
+        gen(inputs, z, base[:, :, :-1])
+    with pytest.raises(ValueError, match="residual=True"):
+        GARGenerator(feature_channels=5, z_dim=4, base_channels=8, w_dim=8)(inputs, z, base)
+    # one gradient step moves it off the base, towards the target
+    target = torch.full_like(base, 0.25)
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-2)
+    before = (gen(inputs, z, base) - target).abs().mean()
+    for _ in range(5):
+        opt.zero_grad()
+        (gen(inputs, z, base) - target).abs().mean().backward()
+        opt.step()
+    assert (gen(inputs, z, base) - target).abs().mean() < before - 1e-3
 
 
 def test_generator_noise_only_in_training_mode():
