@@ -4,7 +4,9 @@ The frozen student (from ``runs/distill/latest/checkpoints/last.ckpt`` or
 ``model.init_args.student_ckpt``; its sizes come from that checkpoint) supplies static per-point
 latent codes f_s; each frame deforms the points with an expression code and rasterizes
 [f_s, camera-space normal] at ``num_scales`` resolutions (K scaled per scale). The generator G turns
-those maps and a global code z into RGB; the inverse encoder E maps a frame to (z, expression).
+those maps and a global code z into RGB (with ``residual``, as a correction of the student's
+rasterized colours, rasterized alongside at full size); the inverse encoder E maps a frame to
+(z, expression).
 Manual optimisation, three phases per step (DESIGN.md "GAR"; Piao et al., CVPR 2021):
 
 - G (+E): L1 + w_ssim (1 - SSIM) of G(raster(student(E_expr(x))), E_z(x)) against the frame x (on
@@ -16,8 +18,9 @@ Manual optimisation, three phases per step (DESIGN.md "GAR"; Piao et al., CVPR 2
 - N: 1 - cos between N(real frame) and the rasterized normal map of the tracked expression.
 
 An EMA copy of G renders for evaluation. Test frames are scored for ``student`` (the student's
-rasterized colours), ``gar`` (z and expression from E) and ``gar_meanz`` (z = the running mean of
-the training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
+rasterized colours), ``gar`` (GAR's inversion of the frame: E's z and expression refined by
+``invert_steps`` gradient steps through the frozen EMA G, so it sees the target, as DESIGN.md
+says) and ``gar_meanz`` (z = the running mean of the training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
 loss stays below ``collapse_threshold`` for ``collapse_patience`` steps.
 
 Reenactment: ``lightning predict ... --data.init_args.driving_video VIDEO`` renders ``gar_meanz``
