@@ -1,4 +1,4 @@
-# Targets: install, test, smoke, bench, lint, demo.
+# Targets: install, test, test-slow, test-all, smoke, bench, lint, demo.
 PYTHON        ?= python
 PIP           := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -9,7 +9,7 @@ WHEEL_CACHE   ?= $(HOME)/.cache/avatar-compress/wheels-torch$(TORCH_VERSION)
 FIND_LINKS    := --find-links $(WHEEL_CACHE) $(if $(wildcard $(SHARED_WHEELS)/*.whl),--find-links $(SHARED_WHEELS))
 PYTEST        ?= $(PYTHON) -m pytest
 
-.PHONY: install test unit smoke bench lint demo
+.PHONY: install test test-slow test-all smoke bench lint demo
 
 install:
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja "setuptools>=68" wheel
@@ -24,10 +24,15 @@ install:
 	$(PIP) install --quiet --no-build-isolation $(FIND_LINKS) -e ".[fast,tracking,dev]" "torch==$(TORCH_VERSION)"
 
 # pytest exits 5 when it collected no test: that is a failure here, never a green run.
-unit:
+# test: everything but the `slow` tests (a few minutes on 2 cores); test-slow: those (DDP, exact
+# resume, the demo pipeline; CI runs both); test-all: both in one session.
+test:
 	@$(PYTEST) -q -m "not slow" tests; rc=$$?; [ $$rc -ne 5 ] || echo "no tests collected"; [ $$rc -eq 0 ]
 
-test:
+test-slow:
+	@$(PYTEST) -q -m slow tests; rc=$$?; [ $$rc -ne 5 ] || echo "no tests collected"; [ $$rc -eq 0 ]
+
+test-all:
 	@$(PYTEST) -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "no tests collected"; [ $$rc -eq 0 ]
 
 smoke:

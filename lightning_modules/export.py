@@ -239,7 +239,7 @@ def load_gar_module(run_dir: str | Path) -> GARModule:
     checkpoint = _read_checkpoint(run_dir)
     init_args = _init_args(checkpoint["hyper_parameters"])
     module = GARModule(**init_args)
-    module.on_load_checkpoint(checkpoint)  # what Lightning does on load (older runs' missing buffers)
+    module.on_load_checkpoint(checkpoint)  # what Lightning does on load (the collapse monitor's state)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:  # e.g. runs/distill/latest now points at another student

@@ -128,7 +128,13 @@ def test_export_matches_pytorch_on_test_frames(gar_run, exported):
 def test_exported_z_reaches_the_image(gar_run, tmp_path):
     """After one step the residual generator's to_rgb is still ~0, so z hardly matters; with it moved
     off zero (as training does) the exported z input changes the image as PyTorch says it does."""
-    from lightning_modules.export import export_graph, frame_graph, load_datamodule, load_gar_module, ort_inputs
+    from lightning_modules.export import (
+        export_graph,
+        frame_graph,
+        load_datamodule,
+        load_gar_module,
+        ort_inputs,
+    )
 
     module = load_gar_module(gar_run)
     graph = frame_graph(module)

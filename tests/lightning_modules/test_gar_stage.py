@@ -9,6 +9,7 @@ import torch
 
 from lightning_modules.distill import load_student
 from lightning_modules.gar import GARModule
+from lightning_modules.metrics import composite_on_white
 from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
 
 
@@ -87,6 +88,8 @@ def test_gar_test_run_reports_per_frame_cost(distill_run, gar_run, tmp_path):
     reference = flop_counter_macs(module.generator_ema, (inputs.inputs, z, inputs.base)) + flop_counter_macs(
         module.student.deform, (module._student_canonical(), one.expression)
     )
+    assert module.hparams.residual  # experiments/gar.yaml: the student's colours are part of the path
+    reference += flop_counter_macs(module.student.shade, (module._student_canonical(), one.world_mat))
     # fvcore and FlopCounterMode agree on convolutions and matmuls; element-wise work (counted by
     # neither) is all that separates them
     assert metrics["flops_per_frame/gar"] == pytest.approx(reference, rel=0.05)
@@ -125,3 +128,25 @@ def test_inversion_refines_e_through_the_frozen_generator(gar_run, distill_run):
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in module.parameters())
+
+
+def test_generator_from_features_alone_and_e_alone(distill_run, tmp_path):
+    """residual=false (the paper's G, drawing from the features alone) and invert_steps=0 (the `gar`
+    row from E as it is): a batch trains, validation scores every row, and no base image is made."""
+    cli = run_stage(
+        "fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.student_ckpt", str(distill_run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.residual=false", "--model.init_args.invert_steps=0",
+        "--trainer.max_steps=3", "--trainer.callbacks=[]", "--run_dir", str(tmp_path / "gar"),
+    )
+    module = cli.model
+    assert not module.generator.residual and not module.generator_ema.residual
+    metrics = json.loads((tmp_path / "gar" / "metrics.json").read_text())
+    assert all(isinstance(metrics[f"{m}/val/psnr"], float) for m in ("student", "gar", "gar_meanz"))
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    with torch.no_grad():
+        inputs = module.raster_inputs(batch, batch.expression)
+        z, expression = module.invert(batch)
+        e_z, e_expression = module.encoder(composite_on_white(batch.image, batch.mask), batch.mask)
+    assert inputs.base is None and inputs.inputs[0].shape[1] == module.generator.in_channels
+    assert torch.equal(z, e_z) and torch.equal(expression, e_expression)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import imageio.v3 as iio
 import pytest
@@ -125,3 +126,38 @@ def test_pruning_everything_stops_at_the_floor_with_a_warning(tmp_path):
             "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--run_dir", str(tmp_path / "pruned"),
         )
     assert cli.model.teacher.num_active == 150
+
+
+def test_teacher_error_decomposition_by_hand():
+    """benchmarks/teacher_errors.py: one black pixel spilled far outside the mask and one interior
+    pixel off by 0.5 on an 8x8 frame; every region and PSNR by hand."""
+    from benchmarks.teacher_errors import error_decomposition
+
+    image = torch.full((1, 3, 8, 8), 0.2)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0  # interior (3x3 erosion) = rows/cols 3..4
+    render = torch.where(mask > 0, image, torch.ones_like(image))  # the target itself
+    alpha = mask.clone()
+    render[..., 0, 7] = 0.0  # spill: black where the target is white
+    alpha[..., 0, 7] = 1.0
+    render[..., 3, 3] = 0.7  # interior error 0.5 in every channel
+    out = error_decomposition(render, alpha, image, mask)
+    assert out["mse_outside"] == pytest.approx(1.0 / 64)
+    assert out["mse_interior"] == pytest.approx(0.25 / 64)
+    assert out["mse_band"] == 0.0
+    assert out["mse"] == pytest.approx(1.25 / 64)
+    assert out["psnr"] == pytest.approx(-10 * math.log10(1.25 / 64), abs=1e-4)
+    assert out["psnr_gt_mask"] == pytest.approx(-10 * math.log10(0.25 / 64), abs=1e-4)
+    assert out["spill_px"] == [1] and out["miss_px"] == [0]
+
+
+def test_teacher_errors_on_a_run(teacher_run, capsys):
+    from benchmarks.teacher_errors import main
+
+    result = main(["--run", str(teacher_run), "--split", "val"])
+    for model in ("teacher", "baseline_mean"):
+        r = result[model]
+        assert r["mse"] == pytest.approx(r["mse_outside"] + r["mse_band"] + r["mse_interior"], rel=1e-5)
+        assert len(r["frame_psnr"]) == result["frames"] > 0
+    assert result["baseline_mean"]["mse_outside"] == 0.0  # the baseline has the true silhouette
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
