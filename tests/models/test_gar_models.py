@@ -214,19 +214,26 @@ def test_demodulation_removes_the_style_scale_and_to_rgb_keeps_it():
     torch.testing.assert_close(rgb.forward_with_style(x, 3.0 * s) - b, 3.0 * (rgb.forward_with_style(x, s) - b))
 
 
-def test_generator_uses_point_features_normals_and_z():
-    """At init with random features, changing f_s (zeroed, or channels permuted), the normal map or
-    z moves the output by a mean absolute difference > 1e-3 (output range (0, 1))."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_generator_uses_point_features_normals_and_z(residual):
+    """At init with random features (the residual G with to_rgb moved off zero, as after training),
+    changing f_s (zeroed, or channels permuted), the normal map or z moves the output by a mean
+    absolute difference > 1e-3 (output range (0, 1))."""
     torch.manual_seed(0)
-    gen = GARGenerator().eval()  # the default size the stage uses
+    gen = GARGenerator(residual=residual).eval()  # the default size the stage uses
+    image = None
+    if residual:
+        with torch.no_grad():
+            gen.to_rgb.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(4))
+        image = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(5))
     inputs, z = generator_inputs(32, 16, 3)
     with torch.no_grad():
-        base = gen(inputs, z)
-        zeroed = gen([torch.cat([torch.zeros_like(x[:, :32]), x[:, 32:]], 1) for x in inputs], z)
+        base = gen(inputs, z, image)
+        zeroed = gen([torch.cat([torch.zeros_like(x[:, :32]), x[:, 32:]], 1) for x in inputs], z, image)
         perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
-        permuted = gen([torch.cat([x[:, :32][:, perm], x[:, 32:]], 1) for x in inputs], z)
-        flipped = gen([torch.cat([x[:, :32], -x[:, 32:35], x[:, 35:]], 1) for x in inputs], z)
-        other_z = gen(inputs, torch.randn(B, 16, generator=torch.Generator().manual_seed(2)))
+        permuted = gen([torch.cat([x[:, :32][:, perm], x[:, 32:]], 1) for x in inputs], z, image)
+        flipped = gen([torch.cat([x[:, :32], -x[:, 32:35], x[:, 35:]], 1) for x in inputs], z, image)
+        other_z = gen(inputs, torch.randn(B, 16, generator=torch.Generator().manual_seed(2)), image)
     for name, out in (("zeroed f_s", zeroed), ("permuted f_s", permuted), ("flipped normals", flipped), ("z", other_z)):
         assert (out - base).abs().mean() > 1e-3, name
     assert base.min() > 0 and base.max() < 1
