@@ -277,6 +277,10 @@ class GARModule(pl.LightningModule):
         self.toggle_optimizer(opt_g)
         z, expression = self.encoder(target, batch.mask)
         inputs = self.raster_inputs(batch, expression)
+        if inputs.base is not None:
+            # E learns geometry from the features' maps and the tracking, not through logit(base),
+            # whose slope 1 / (b (1 - b)) near white and black turns into steps that derail E
+            inputs = inputs._replace(base=inputs.base.detach())
         normal_map, alpha = inputs.normal_map, inputs.alpha
         fake = self.generate(self.generator, inputs, z)
         terms = {
