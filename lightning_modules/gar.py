@@ -235,6 +235,22 @@ class GARModule(pl.LightningModule):
                     base = out.image[:, c + 3 :] + (1.0 - out.alpha)  # the student's render on white
         return GeneratorInputs(inputs, normal_map, alpha, base)
 
+    def reconstruct(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GeneratorInputs]:
+        """Phase G's reconstruction G(raster(student(E_expr(x))), E_z(x)) of the batch's frames x.
+
+        A residual generator's base image is detached: E learns geometry from the feature maps and
+        the tracking, not through logit(base), whose slope 1 / (b (1 - b)) near white and black
+        turned into steps that derailed E in a demo run.
+
+        Returns:
+            (fake (B, 3, H, W), z (B, z_dim), expression (B, E), the generator's inputs).
+        """
+        z, expression = self.encoder(composite_on_white(batch.image, batch.mask), batch.mask)
+        inputs = self.raster_inputs(batch, expression)
+        if inputs.base is not None:
+            inputs = inputs._replace(base=inputs.base.detach())
+        return self.generate(self.generator, inputs, z), z, expression, inputs
+
     def generate(self, generator: GARGenerator, inputs: GeneratorInputs, z: torch.Tensor) -> torch.Tensor:
         """``generator`` (G or its EMA copy) on :meth:`raster_inputs`' output: (B, 3, H, W) in (0, 1)."""
         return generator(inputs.inputs, z, inputs.base)
@@ -275,14 +291,8 @@ class GARModule(pl.LightningModule):
 
         # phase G (+E)
         self.toggle_optimizer(opt_g)
-        z, expression = self.encoder(target, batch.mask)
-        inputs = self.raster_inputs(batch, expression)
-        if inputs.base is not None:
-            # E learns geometry from the features' maps and the tracking, not through logit(base),
-            # whose slope 1 / (b (1 - b)) near white and black turns into steps that derail E
-            inputs = inputs._replace(base=inputs.base.detach())
+        fake, z, expression, inputs = self.reconstruct(batch)
         normal_map, alpha = inputs.normal_map, inputs.alpha
-        fake = self.generate(self.generator, inputs, z)
         terms = {
             "l1": masked_l1(fake, target),
             "ssim": ssim_loss(fake, target),

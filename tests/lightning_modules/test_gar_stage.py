@@ -150,3 +150,27 @@ def test_generator_from_features_alone_and_e_alone(distill_run, tmp_path):
         e_z, e_expression = module.encoder(composite_on_white(batch.image, batch.mask), batch.mask)
     assert inputs.base is None and inputs.inputs[0].shape[1] == module.generator.in_channels
     assert torch.equal(z, e_z) and torch.equal(expression, e_expression)
+
+
+def test_e_learns_no_geometry_through_the_residual_base(gar_run):
+    """Phase G of a residual GAR: the reconstruction reaches E only through the generator's
+    feature maps, never through logit(base) (whose slope near white/black derailed E). At init
+    to_rgb is zero, so the reconstruction loss gives E's expression head exactly no gradient, while
+    the base itself does depend on E's expression."""
+    from lightning_modules.export import load_datamodule, load_gar_module
+    from models.losses import masked_l1
+
+    module = load_gar_module(gar_run)
+    assert module.hparams.residual
+    with torch.no_grad():
+        module.generator.to_rgb.weight.zero_()
+        module.student_blendshapes.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    batch = next(iter(load_datamodule(gar_run).val_dataloader()))
+    target = composite_on_white(batch.image, batch.mask)
+    fake, _, expression, inputs = module.reconstruct(batch)
+    assert inputs.base is not None and not inputs.base.requires_grad
+    masked_l1(fake, target).backward()
+    assert module.encoder.expression_head.weight.grad is None or module.encoder.expression_head.weight.grad.abs().max() == 0
+    # the undetached base would have carried a gradient to the expression
+    base = module.raster_inputs(batch, expression.detach().requires_grad_(True)).base
+    assert base.requires_grad
