@@ -377,8 +377,8 @@ class GARModule(pl.LightningModule):
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(target.device.type, enabled=False):
             frames = dataclasses.replace(batch, **{f: getattr(batch, f).clone() for f in ("image", "mask", "world_mat", "K")})
             target = target.clone().float()
-            z = z.clone().requires_grad_(True)
-            code = expression.clone().requires_grad_(True)
+            z = z.float().clone().requires_grad_(True)  # clone: not an inference tensor; float: bf16-mixed
+            code = expression.float().clone().requires_grad_(True)
             optimizer = torch.optim.Adam([z, code], lr=self.hparams.invert_lr)
             for _ in range(steps):
                 fake = self.generate(self.generator_ema, self.raster_inputs(frames, code), z)
