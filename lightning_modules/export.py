@@ -43,7 +43,7 @@ from lightning_modules.gar import GARModule
 from lightning_modules.run_folder import UpstreamMissingError
 from lightning_modules.teacher import pixel_radius
 from models.camera import rotate_normals
-from models.frame import deform_points
+from models.frame import deform_points, shade_points
 from models.rasterizer import rasterize_points_exportable
 from models.renderer import GARGenerator, pack_raster_inputs
 
@@ -172,9 +172,8 @@ class GARFrameGraph(nn.Module):
             r_px = pixel_radius(points, world_mat, K_s, self.radius)  # (B, N)
             size = self.image_size // 2**s
             channels = features
-            if s == 0 and self.generator.residual:  # the student's colours (models.frame.shade_points)
-                colors = torch.clamp(2.0 * self.shading(normals_cam) * self.albedo, 0.0, 1.0)
-                channels = torch.cat([features, colors], -1)
+            if s == 0 and self.generator.residual:  # the student's colours
+                channels = torch.cat([features, shade_points(self.shading, self.normals, self.albedo, world_mat)[0]], -1)
             out = rasterize_points_exportable(
                 points, channels, world_mat, K_s, (size, size), r_px, self.points_per_pixel, background=0.0
             )

@@ -20,7 +20,8 @@ Manual optimisation, three phases per step (DESIGN.md "GAR"; Piao et al., CVPR 2
 An EMA copy of G renders for evaluation. Test frames are scored for ``student`` (the student's
 rasterized colours), ``gar`` (z and expression from E, which sees the target frame as DESIGN.md
 notes; with ``invert_steps`` > 0, GAR's inversion: E's output refined by that many gradient steps
-through the frozen EMA G on the frame itself) and ``gar_meanz`` (z = the running mean of the training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
+through the frozen EMA G on the frame itself) and ``gar_meanz`` (z = the running mean of the
+training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
 loss stays below ``collapse_threshold`` for ``collapse_patience`` steps.
 
 Reenactment: ``lightning predict ... --data.init_args.driving_video VIDEO`` renders ``gar_meanz``
@@ -106,7 +107,7 @@ class GARModule(pl.LightningModule):
         points_per_pixel: rasterizer setting.
         residual: G refines the student's rasterized render (its colours rasterized with the
             features, ``GARGenerator(residual=True)``) instead of drawing the frame from the
-            features alone; the CPU demo turns it on (its few GAN steps start from the student's
+            features alone; ``experiments/gar.yaml`` turns it on (G starts from the student's
             render rather than from grey).
         seed: seeds the z-swap permutations (one generator per step).
         invert_steps, invert_lr: GAR's inversion for the ``gar`` row (:meth:`invert`): E's (z,
@@ -235,8 +236,11 @@ class GARModule(pl.LightningModule):
                     base = out.image[:, c + 3 :] + (1.0 - out.alpha)  # the student's render on white
         return GeneratorInputs(inputs, normal_map, alpha, base)
 
-    def reconstruct(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GeneratorInputs]:
-        """Phase G's reconstruction G(raster(student(E_expr(x))), E_z(x)) of the batch's frames x.
+    def reconstruct(
+        self, batch, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GeneratorInputs]:
+        """Phase G's reconstruction G(raster(student(E_expr(x))), E_z(x)) of the batch's frames x
+        (``target``: the frames on white under their masks, what E sees).
 
         A residual generator's base image is detached: E learns geometry from the feature maps and
         the tracking, not through logit(base), whose slope 1 / (b (1 - b)) near white and black
@@ -245,7 +249,7 @@ class GARModule(pl.LightningModule):
         Returns:
             (fake (B, 3, H, W), z (B, z_dim), expression (B, E), the generator's inputs).
         """
-        z, expression = self.encoder(composite_on_white(batch.image, batch.mask), batch.mask)
+        z, expression = self.encoder(target, batch.mask)
         inputs = self.raster_inputs(batch, expression)
         if inputs.base is not None:
             inputs = inputs._replace(base=inputs.base.detach())
@@ -291,7 +295,7 @@ class GARModule(pl.LightningModule):
 
         # phase G (+E)
         self.toggle_optimizer(opt_g)
-        fake, z, expression, inputs = self.reconstruct(batch)
+        fake, z, expression, inputs = self.reconstruct(batch, target)
         normal_map, alpha = inputs.normal_map, inputs.alpha
         terms = {
             "l1": masked_l1(fake, target),
@@ -357,8 +361,9 @@ class GARModule(pl.LightningModule):
         through the frozen renderer (Piao et al., CVPR 2021; REFERENCES.md, "Renderers").
 
         ``steps`` Adam steps (lr ``invert_lr``) on L1 + w_ssim (1 - SSIM) of the EMA generator's
-        render against the frame on white. Only z and the codes move; no parameter or optimiser state is touched. Runs
-        inside Lightning's inference mode too (its own grad-enabled island on cloned inputs).
+        render against the frame on white. Only z and the codes move; no parameter or optimiser
+        state is touched. Runs inside Lightning's inference mode too (its own grad-enabled island
+        on cloned inputs).
 
         Args:
             batch: frames to invert (image, mask, world_mat, K are used).
@@ -383,8 +388,8 @@ class GARModule(pl.LightningModule):
             for _ in range(steps):
                 fake = self.generate(self.generator_ema, self.raster_inputs(frames, code), z)
                 loss = masked_l1(fake, target) + self.loss_weights["ssim"] * ssim_loss(fake, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # only the two codes: not a training loss (no manual_backward, no DDP or precision plugin)
+                z.grad, code.grad = torch.autograd.grad(loss, (z, code))
                 optimizer.step()
         return z.detach(), code.detach()
 
