@@ -63,6 +63,7 @@ def load_student(path: str, map_location: str | torch.device = "cpu") -> Student
     entry = checkpoint["student"]
     student = Student(**entry["init_args"])
     student.load_state_dict(entry["state_dict"])
+    student.recalibrate_batchnorm()  # exact statistics, also for checkpoints made before the stage did it
     return student
 
 
@@ -344,6 +345,11 @@ class DistillModule(pl.LightningModule):
         return {"teacher": teacher_flop_target(self.teacher), "student": student_flop_target(self.student)}
 
     # -- optimisation and checkpoints ------------------------------------------------------------------
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # the running BatchNorm statistics follow the weights exactly (Student.recalibrate_batchnorm):
+        # evaluation, checkpoints and the later stages see what training saw
+        self.student.recalibrate_batchnorm()
+
     def configure_optimizers(self):
         hp = self.hparams
         params = [*self.student.parameters(), *self.adapter.parameters()]

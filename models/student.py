@@ -56,8 +56,12 @@ dense layers (k x d^2 per point) dominate. On a cloud too small to decimate (N <
 runs at full size and the cost per point rises (about 25 K at N = 20).
 
 Choices stated here: BatchNorm (as RandLA-Net and DGCNN) normalises over the points of the one
-cloud in training mode and uses running statistics in eval mode (``norm="none"`` makes train and
-eval identical); the point itself is its own first neighbour (both branches); the default
+cloud in training mode and uses running statistics in eval mode. The student only ever sees its
+subject's one cloud, so :meth:`Student.recalibrate_batchnorm` sets the running statistics to that
+cloud's statistics under the current weights, and eval mode then equals train mode. The
+distillation does this after every optimizer step. The exponential average alone lags the weights:
+after the CPU demo's 300 steps at lr 3e-3, the eval-mode normals had a mean cosine of 0.89 to the
+teacher's, against 0.93 in train mode. ``norm="none"`` removes BatchNorm. The point itself is its own first neighbour (both branches); the default
 splat radius is the mean distance to the nearest other point.
 """
 
@@ -260,6 +264,50 @@ class Student(nn.Module):
             [getattr(self, f"graph_sub_indices_{level}") for level in range(self.num_levels)],
             [getattr(self, f"graph_up_indices_{level}") for level in range(self.num_levels)],
         )
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self) -> None:
+        """Set every BatchNorm's running mean and variance to the held cloud's own statistics.
+
+        One forward pass of the canonical network in training mode, without gradient, with every
+        BatchNorm reset and averaging cumulatively (``momentum=None``). The pass covers all the
+        points, so the statistics are exact for the current weights. The variance is then stored
+        biased, the one training-mode BatchNorm divides by (torch keeps the unbiased one). So the
+        eval-mode outputs equal the training-mode ones to float round-off. This is "precise BN" (Wu & Johnson, 2021) over the only batch
+        this network sees. Train/eval flags and momenta are restored. A no-op without BatchNorm.
+
+        Raises:
+            ValueError: if the student holds no canonical points.
+        """
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        self._require_canonical()
+        flags = [(m, m.training) for m in self.modules()]
+        momenta = [m.momentum for m in norms]
+        counts: dict[nn.Module, list[int]] = {m: [] for m in norms}  # values per channel, per call
+
+        def record(module: nn.Module, args: tuple) -> None:
+            counts[module].append(args[0].numel() // args[0].shape[1])
+
+        hooks = [m.register_forward_pre_hook(record) for m in norms]
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+            self.train()
+            self.forward_canonical(self.points, *self.graph.tensors())
+            for m, n in counts.items():
+                if len(n) == 1 and n[0] > 1:
+                    # torch stores the unbiased variance but normalises with the biased one in training
+                    m.running_var.mul_((n[0] - 1) / n[0])
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            for m, training in flags:
+                m.train(training)
 
     def canonical_network_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of both branches, fusion and heads, shading included (no adapters)."""

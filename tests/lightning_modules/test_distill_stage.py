@@ -71,3 +71,18 @@ def test_loss_terms_switch_off_from_the_command_line(teacher_run, tmp_path):
     assert "distill/train/gt" in logged and "distill/train/out" in logged
     assert not any(k.startswith("distill/train/graph") or k == "distill/train/feat" for k in logged)
     assert cli.model.loss_weights == {"gt": 1.0, "out": 1.0, "feat": 0.0, "graph": 0.0}
+
+
+def test_saved_student_statistics_are_its_clouds(distill_run):
+    """The checkpoint's running BatchNorm statistics are those of the cloud under the saved
+    weights (recalibrated after the step), so eval mode renders what training rendered."""
+    from models.student import Student
+
+    entry = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["student"]
+    student = Student(**entry["init_args"])
+    student.load_state_dict(entry["state_dict"])  # as saved, no recalibration on load
+    with torch.no_grad():
+        evaluated = student.eval().canonical()
+        trained = student.train().canonical()
+    for name in ("albedo", "normals", "feature"):
+        torch.testing.assert_close(getattr(evaluated, name), getattr(trained, name), rtol=1e-4, atol=1e-5)

@@ -353,3 +353,38 @@ def test_bad_inputs_raise():
         model(torch.randn(1, E), torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="batch sizes differ"):
         model(torch.randn(2, E), world_mats(1))
+
+
+def test_recalibrated_batchnorm_makes_eval_equal_train():
+    model = make_student(300)
+    randomise_heads(model)
+    model.fusion[0].norm.momentum = 0.3  # a custom momentum survives the recalibration
+    with torch.no_grad():  # weights whose statistics the running averages have never seen
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.train()
+    with torch.no_grad():
+        trained = model.canonical()
+    model.eval()
+    with torch.no_grad():
+        stale = model.canonical()
+    assert (stale.normals - trained.normals).abs().max() > 1e-2  # the running statistics lag the weights
+
+    model.recalibrate_batchnorm()
+    assert not model.training and model.fusion[0].norm.momentum == 0.3
+    with torch.no_grad():
+        exact = model.canonical()
+    for name in ("albedo", "normals", "blendshapes", "offset", "feature"):
+        torch.testing.assert_close(getattr(exact, name), getattr(trained, name), rtol=1e-4, atol=1e-5)
+    bn = model.fusion[0].norm
+    hidden = model.fusion[0].linear(torch.cat([model.randla(model.points, model.points, model.graph),
+                                               model.gcn(model.points, model.graph.neighbors[0])], -1)).detach()
+    torch.testing.assert_close(bn.running_mean, hidden.mean(0), rtol=1e-4, atol=1e-5)  # the cloud's own mean
+    torch.testing.assert_close(bn.running_var, hidden.var(0, unbiased=False), rtol=1e-4, atol=1e-5)  # biased
+
+
+def test_recalibration_without_batchnorm_is_a_no_op():
+    model = make_student(100, norm="none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.recalibrate_batchnorm()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
