@@ -23,6 +23,11 @@ RUN defaults to ``runs/gar/latest``, else the demo's ``runs/demo/gar/latest``.
    done on the driver's own frames at the output's size (the left column of
    ``renders/reenact_side_by_side.mp4``, cropped around the driver's head): ``reference_r``.
 
+With ``--chain`` it also scores the rule-based renders along the way, driven by the same codes and
+cameras at the same size: the teacher's and the student's rasterized colours (their distillation
+checkpoint is the GAR run's ``student_ckpt``), so a low r can be traced to the stage that loses
+the mouth (``chain_teacher_r``, ``chain_student_r``).
+
 The last line prints the results as JSON; they are also written to
 ``<predict run>/reenact_benchmark.json``.
 """
@@ -115,6 +120,32 @@ def score(driver: list[float | None], output: list[float | None]) -> dict:
     }
 
 
+def chain_renders(distill_ckpt: str | Path, batches) -> dict[str, np.ndarray]:
+    """The teacher's and the student's rasterized renders of driving batches (no GAR).
+
+    Args:
+        distill_ckpt: the distillation checkpoint (teacher and student).
+        batches: iterable of :class:`datamodules.batch.AvatarBatch` (the predict loader's).
+
+    Returns:
+        {"teacher": (T, H, W, 3) uint8, "student": (T, H, W, 3) uint8} on white, at the batches' size.
+    """
+    import torch
+
+    from lightning_modules.distill import DistillModule
+
+    module = DistillModule.load_from_checkpoint(str(distill_ckpt), map_location="cpu").eval()
+    frames: dict[str, list] = {"teacher": [], "student": []}
+    with torch.no_grad():
+        canonical = module.student.canonical()
+        for batch in batches:
+            module.rasterizer.image_size = tuple(batch.image.shape[-2:])
+            frames["teacher"].append(module.render_teacher(batch)[1].image[:, :3])
+            frames["student"].append(module.render_student(batch, canonical)[1].image[:, :3])
+    return {name: (torch.cat(images).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            for name, images in frames.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra: list[str] = []
@@ -126,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"else {DEFAULT_RUNS[1]})")
     parser.add_argument("--video", default=str(DEFAULT_VIDEO), help="the driving video")
     parser.add_argument("--upscale", type=int, default=256, help="longer side of the frames re-tracked (pixels)")
+    parser.add_argument("--chain", action="store_true",
+                        help="also score the teacher's and the student's rasterized renders of the same codes")
     args = parser.parse_args(argv)
     if args.run is None:
         run = next((r for r in DEFAULT_RUNS if (r / "checkpoints" / "last.ckpt").is_file()), DEFAULT_RUNS[0])
@@ -162,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"run": str(run), "predict_run": str(cli.run_dir), "video": str(video), "reenact": str(reenact),
               "upscale": args.upscale, **score(driver_open, output_open),
               "reference_r": reference["pearson_r"], "reference_face_found_share": reference["output_face_found_share"]}
+    if args.chain:
+        from lightning_modules.run_folder import upstream_checkpoint
+
+        distill_ckpt = upstream_checkpoint(cli.model.hparams.student_ckpt, "distill", "student_ckpt")
+        for name, rendered in chain_renders(distill_ckpt, dm.predict_dataloader()).items():
+            result[f"chain_{name}_r"] = score(driver_open, track_openings(rendered, args.upscale))["pearson_r"]
     (cli.run_dir / "reenact_benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     r = result["pearson_r"]
     print(f"\nreenactment of {run} by {video.name}: {result['frames']} frames -> {reenact}")
@@ -172,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     ref = result["reference_r"]
     print(f"  reference (driver's own crops at the output size): r = {'n/a' if ref is None else f'{ref:.3f}'}, "
           f"face found in {100 * result['reference_face_found_share']:.1f} %")
+    for name in ("teacher", "student"):
+        if f"chain_{name}_r" in result:
+            value = result[f"chain_{name}_r"]
+            print(f"  {name}'s rasterized render, same codes: r = {'n/a' if value is None else f'{value:.3f}'}")
     print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}))
     return result
 

@@ -190,3 +190,36 @@ def test_lightning_predict_tracks_a_short_real_clip_and_writes_one_frame_per_dri
     assert side.shape == (6, SIZE, 2 * SIZE, 3)
     # the blank frame shows frame 1's avatar (same code, same pose; H.264 may move a grey level)
     assert np.abs(video[2].astype(float) - video[1].astype(float)).mean() < 2.0
+
+
+def test_chain_renders_are_the_distillation_stages_own_renders_at_the_batches_size(distill_run):
+    """``benchmarks.reenact --chain``: the teacher's and student's rasterized frames of the driving
+    batches are exactly what the distillation module renders, at the batches' size."""
+    from benchmarks.reenact import chain_renders
+    from lightning_modules.demo import datamodule_from_config
+    from lightning_modules.distill import DistillModule
+
+    ckpt = distill_run / "checkpoints" / "last.ckpt"
+    dm = datamodule_from_config(distill_run / "config.yaml")
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    n, size = len(batch), batch.image.shape[-1]
+    frames = chain_renders(ckpt, [batch, batch])
+    assert frames["teacher"].shape == frames["student"].shape == (2 * n, size, size, 3)
+    assert frames["student"].dtype == np.uint8
+    module = DistillModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    with torch.no_grad():
+        expected = module.render_student(batch)[1].image[:, :3]
+    expected = (expected.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(frames["student"][:n], expected)
+    np.testing.assert_array_equal(frames["student"][n:], expected)
+    assert not np.array_equal(frames["teacher"][:n], frames["student"][:n])
+
+    # the same cameras at twice the size (K scaled): the renders follow the batch, not the run
+    big = AvatarBatch(
+        image=torch.nn.functional.interpolate(batch.image, scale_factor=2.0),
+        mask=torch.ones(n, 1, 2 * size, 2 * size), world_mat=batch.world_mat,
+        K=batch.K * torch.tensor([[2.0], [2.0], [1.0]]), expression=batch.expression, frame_index=batch.frame_index,
+    )
+    assert chain_renders(ckpt, [big])["teacher"].shape == (n, 2 * size, 2 * size, 3)
