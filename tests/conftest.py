@@ -174,6 +174,7 @@ def distill_run(teacher_run, tmp_path_factory) -> Path:
     run_stage(
         "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH),
         "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.warmup_steps=5",  # the warm-up itself: test_distill_stage.py
         "--trainer.max_steps=1", "--run_dir", str(run_dir),
     )
     return run_dir

@@ -64,6 +64,7 @@ def test_loss_terms_switch_off_from_the_command_line(teacher_run, tmp_path):
         "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH),
         "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
         "--model.init_args.loss_weights.graph=0", "--model.init_args.loss_weights.feat=0",
+        "--model.init_args.warmup_steps=5",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
         "--run_dir", str(tmp_path / "nograph"),
     )
@@ -86,3 +87,68 @@ def test_saved_student_statistics_are_its_clouds(distill_run):
         trained = student.train().canonical()
     for name in ("albedo", "normals", "feature"):
         torch.testing.assert_close(getattr(evaluated, name), getattr(trained, name), rtol=1e-4, atol=1e-5)
+
+
+def _warmup_module(teacher_run, steps: int, **kwargs) -> DistillModule:
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    module = DistillModule(
+        expression_dim=4, image_size=32, teacher_ckpt=str(teacher_run / "checkpoints" / "last.ckpt"),
+        warmup_steps=steps, **kwargs,
+    )
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False)
+    return module
+
+
+def _fixed_normals() -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(512, 3, generator=torch.Generator().manual_seed(3)), dim=-1)
+
+
+def test_warmup_fits_the_teachers_per_point_outputs_once(teacher_run):
+    module = _warmup_module(teacher_run, steps=60)
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    module.student.train()
+    with torch.no_grad():
+        before = module.warmup_losses(_fixed_normals())
+    assert set(before) == {"albedo", "normal", "deformation", "shading", "feat", "total"}
+    torch.testing.assert_close(  # the total is the weighted sum (deformation x 100)
+        before["total"],
+        sum(v for k, v in before.items() if k not in ("total", "deformation")) + 100.0 * before["deformation"],
+    )
+    module.on_fit_start()
+    assert bool(module.warmup_done)
+    with torch.no_grad():  # recalibrated: eval mode renders what the warm-up trained (eval first:
+        evaluated = module.student.eval().canonical()  # a train-mode pass moves the running statistics)
+        trained = module.student.train().canonical()
+    torch.testing.assert_close(evaluated.albedo, trained.albedo, rtol=1e-4, atol=1e-5)
+    module.student.train()
+    with torch.no_grad():
+        after = module.warmup_losses(_fixed_normals())
+    for name in ("albedo", "normal", "shading", "feat", "total"):
+        assert after[name] < 0.7 * before[name], (name, before[name], after[name])
+    for name, value in module.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name  # the teacher is untouched
+    assert all(p.grad is None for p in module.student.parameters())
+
+    weights = {k: v.clone() for k, v in module.student.state_dict().items()}
+    module.on_fit_start()  # a resumed fit (warmup_done restored from the checkpoint) does not repeat it
+    assert all(torch.equal(v, weights[k]) for k, v in module.student.state_dict().items())
+
+
+def test_warmup_follows_the_loss_switches_and_can_be_off(teacher_run):
+    no_out = _warmup_module(teacher_run, steps=3, loss_weights={"out": 0.0})
+    assert set(no_out.warmup_losses(_fixed_normals())) == {"feat", "total"}
+    off = _warmup_module(teacher_run, steps=0)
+    weights = {k: v.clone() for k, v in off.student.state_dict().items()}
+    off.on_fit_start()
+    assert not bool(off.warmup_done)
+    assert all(torch.equal(v, weights[k]) for k, v in off.student.state_dict().items())
+    with pytest.raises(ValueError, match="warmup_steps"):
+        _warmup_module(teacher_run, steps=-1)
+
+
+def test_the_run_records_its_warmup(distill_run):
+    state = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert bool(state["warmup_done"])  # so `--ckpt_path last` skips it

@@ -128,6 +128,7 @@ def test_distill_bf16_mixed(tmp_path, spies, teacher_run):
     cli = run_stage(
         "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH), BF16,
         "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.warmup_steps=5",
         "--trainer.max_steps=1", "--run_dir", str(run_dir),
     )
     _check_run(cli, run_dir, "distill/train/loss", "student/val/psnr")
