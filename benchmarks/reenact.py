@@ -135,6 +135,7 @@ def chain_renders(distill_ckpt: str | Path, batches) -> dict[str, np.ndarray]:
     from lightning_modules.distill import DistillModule
 
     module = DistillModule.load_from_checkpoint(str(distill_ckpt), map_location="cpu").eval()
+    module.student.recalibrate_batchnorm()  # as load_student does for the GAR stage
     frames: dict[str, list] = {"teacher": [], "student": []}
     with torch.no_grad():
         canonical = module.student.canonical()

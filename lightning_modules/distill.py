@@ -407,6 +407,8 @@ class DistillModule(pl.LightningModule):
         steps = self.hparams.warmup_steps
         if steps == 0 or bool(self.warmup_done) or not (self.loss_weights["out"] > 0 or self.loss_weights["feat"] > 0):
             return
+        if self.trainer.ckpt_path is not None:  # a resumed fit (strategies that restore after this hook too)
+            return
         from tqdm.auto import tqdm
 
         params = [p for p in (*self.student.parameters(), *self.adapter.parameters()) if p.requires_grad]
@@ -415,13 +417,13 @@ class DistillModule(pl.LightningModule):
         generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed * 1_000_003 + 7)
         self.student.train()
         start = time.perf_counter()
-        bar = tqdm(range(steps), desc="distillation warm-up (per-point, no rendering)",
-                   disable=self.global_rank != 0, leave=False)
+        bar = tqdm(range(steps), desc="distillation warm-up (per-point, no rendering)", leave=False,
+                   disable=self.global_rank != 0 or self.trainer.progress_bar_callback is None)
         with torch.enable_grad():
-            for _ in bar:
+            for step in bar:
                 normals = torch.nn.functional.normalize(torch.randn(4096, 3, generator=generator), dim=-1)
                 terms = self.warmup_losses(normals.to(self.device))
-                check_finite_losses(terms, 0)
+                check_finite_losses({f"warmup_{k}": v for k, v in terms.items()}, step)
                 # autograd.grad, not backward: no DDP gradient hook fires outside its forward
                 grads = torch.autograd.grad(terms["total"], params, allow_unused=True)
                 for p, g in zip(params, grads):
@@ -432,8 +434,9 @@ class DistillModule(pl.LightningModule):
         for p in params:
             p.grad = None
         if self.trainer.world_size > 1:  # every rank warmed up alike; rank 0's weights settle any round-off
-            state = self.trainer.strategy.broadcast(
-                {"student": self.student.state_dict(), "adapter": self.adapter.state_dict()}, src=0
+            state = self.trainer.strategy.broadcast(  # on the CPU: pickled CUDA tensors would land on GPU 0
+                {name: {k: v.cpu() for k, v in module.state_dict().items()}
+                 for name, module in (("student", self.student), ("adapter", self.adapter))}, src=0
             )
             self.student.load_state_dict(state["student"])
             self.adapter.load_state_dict(state["adapter"])
@@ -455,6 +458,10 @@ class DistillModule(pl.LightningModule):
         optimizer = torch.optim.Adam(params, lr=hp.lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints from before the warm-up existed hold a trained student: never warm it up again
+        checkpoint["state_dict"].setdefault("warmup_done", torch.ones((), dtype=torch.bool))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

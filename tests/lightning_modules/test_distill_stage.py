@@ -152,3 +152,11 @@ def test_warmup_follows_the_loss_switches_and_can_be_off(teacher_run):
 def test_the_run_records_its_warmup(distill_run):
     state = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert bool(state["warmup_done"])  # so `--ckpt_path last` skips it
+
+
+def test_a_checkpoint_from_before_the_warmup_is_never_warmed_up_again(distill_run, tmp_path):
+    ckpt = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)
+    del ckpt["state_dict"]["warmup_done"]  # as written before the warm-up existed
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    module = DistillModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert bool(module.warmup_done)
