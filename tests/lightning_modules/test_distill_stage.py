@@ -160,3 +160,31 @@ def test_a_checkpoint_from_before_the_warmup_is_never_warmed_up_again(distill_ru
     torch.save(ckpt, tmp_path / "old.ckpt")
     module = DistillModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
     assert bool(module.warmup_done)
+
+
+def test_distill_fidelity_by_hand_and_on_a_run(distill_run, capsys):
+    """benchmarks/distill_fidelity.py: hand values on two points, then the run's report."""
+    from types import SimpleNamespace
+
+    from benchmarks.distill_fidelity import frame_psnr, main, per_point_fidelity
+
+    teacher = SimpleNamespace(albedo=torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]]),
+                              normals=torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]),
+                              blendshapes=torch.tensor([[[3.0, 0.0, 0.0]], [[0.0, 4.0, 0.0]]]))
+    student = SimpleNamespace(albedo=torch.tensor([[0.5, 0.5, 0.2], [0.0, 0.3, 0.0]]),
+                              normals=torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+                              blendshapes=torch.tensor([[[3.0, 0.0, 0.0]], [[0.0, 4.0, 5.0]]]))
+    got = per_point_fidelity(student, teacher)
+    assert got["albedo_l1"] == pytest.approx(0.6 / 6)
+    assert got["normal_cos"] == pytest.approx(0.5)  # cos 1 and cos 0
+    assert got["blendshape_rel"] == pytest.approx(5.0 / 5.0)  # ||(0, 0, 5)|| / ||(3, 4)||
+    image = torch.zeros(2, 3, 4, 4)
+    assert frame_psnr(image + 0.1, image) == pytest.approx([20.0, 20.0])
+
+    result = main(["--run", str(distill_run), "--split", "val"])
+    assert result["frames"] > 0 and 0.0 <= result["albedo_l1"] <= 1.0 and -1.0 <= result["normal_cos"] <= 1.0
+    assert result["render_psnr"] > 0 and result["student_psnr"] > 0 and result["teacher_psnr"] > 0
+    metrics = json.loads((distill_run / "metrics.json").read_text())
+    # the teacher's val PSNR is the stage's own (same renders, same frames, same per-frame mean)
+    assert result["teacher_psnr"] == pytest.approx(metrics["teacher/val/psnr"], abs=1e-3)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
