@@ -52,7 +52,7 @@ from lightning_modules.export import (
     load_datamodule,
     load_gar_module,
 )
-from lightning_modules.teacher import pixel_radius
+from models.camera import pixel_radius
 from models.rasterizer import rasterize_points
 from models.renderer import GARGenerator
 from models.student import Student

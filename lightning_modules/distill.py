@@ -44,8 +44,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
 from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
 from lightning_modules.run_folder import upstream_checkpoint
-from lightning_modules.teacher import TeacherModule, check_finite_losses, pixel_radius
+from lightning_modules.teacher import TeacherModule, check_finite_losses
 from models.adapters import FeatureAdapter
+from models.camera import pixel_radius
 from models.losses import (
     albedo_distillation_loss,
     deformation_distillation_loss,

@@ -41,11 +41,10 @@ from torch import nn
 
 from lightning_modules.gar import GARModule
 from lightning_modules.run_folder import UpstreamMissingError
-from lightning_modules.teacher import pixel_radius
 from models.camera import rotate_normals
 from models.frame import deform_points, shade_points
 from models.rasterizer import rasterize_points_exportable
-from models.renderer import GARGenerator, pack_raster_inputs
+from models.renderer import GARGenerator, generator_inputs
 
 __all__ = [
     "ExportError",
@@ -142,12 +141,6 @@ class GARFrameGraph(nn.Module):
         self.register_buffer("radius", torch.as_tensor(radius).detach().float().clone().reshape(()))
         self.albedo = None if albedo is None else nn.Buffer(albedo.detach().float().clone())
         self.shading = shading
-        scales = []
-        for s in range(generator.num_scales):
-            scale = torch.ones(3, 3)
-            scale[:2] = 0.5**s  # K[:, :2] / 2^s: pixel edges scale with the image (centres at +0.5)
-            scales.append(scale)
-        self.register_buffer("k_scale", torch.stack(scales))  # (num_scales, 3, 3)
         self.generator = generator
         self.image_size = int(image_size)
         self.points_per_pixel = int(points_per_pixel)
@@ -161,26 +154,19 @@ class GARFrameGraph(nn.Module):
         self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The generator's inputs: a list over scales of (B, C_s + 4, S / 2^s, S / 2^s), and the
-        base image (B, 3, S, S) of a residual generator (else None)."""
+        base image (B, 3, S, S) of a residual generator (else None); the GAR stage's
+        :func:`models.renderer.generator_inputs` with the export-friendly rasterizer."""
         points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
         normals_cam = rotate_normals(self.normals, world_mat)  # (B, N, 3)
-        features = torch.cat([self.feature.expand(points.shape[0], -1, -1), normals_cam], -1)  # (B, N, C_s + 3)
-        c = self.feature.shape[1]
-        inputs, base = [], None
-        for s in range(self.generator.num_scales):
-            K_s = K * self.k_scale[s]  # (B, 3, 3)
-            r_px = pixel_radius(points, world_mat, K_s, self.radius)  # (B, N)
-            size = self.image_size // 2**s
-            channels = features
-            if s == 0 and self.generator.residual:  # the student's colours
-                channels = torch.cat([features, shade_points(self.shading, self.normals, self.albedo, world_mat)[0]], -1)
-            out = rasterize_points_exportable(
-                points, channels, world_mat, K_s, (size, size), r_px, self.points_per_pixel, background=0.0
-            )
-            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c : c + 3], out.alpha))
-            if s == 0 and self.generator.residual:
-                base = out.image[:, c + 3 :] + (1.0 - out.alpha)
-        return inputs, base
+        colors = None
+        if self.generator.residual:  # the student's colours
+            colors = shade_points(self.shading, self.normals, self.albedo, world_mat)[0]
+        out = generator_inputs(
+            points, self.feature, normals_cam, world_mat, K, (self.image_size, self.image_size),
+            self.generator.num_scales, self.radius, self.points_per_pixel, colors,
+            rasterize=rasterize_points_exportable,
+        )
+        return out.inputs, out.base
 
     def forward(self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         inputs, base = self.raster_inputs(expression, world_mat, K)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -45,8 +45,8 @@ from lightning_modules.distill import load_student
 from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
 from lightning_modules.run_folder import upstream_checkpoint
 from lightning_modules.swd import SlicedWasserstein
-from lightning_modules.teacher import check_finite_losses, pixel_radius
-from models.camera import rotate_normals
+from lightning_modules.teacher import check_finite_losses
+from models.camera import pixel_radius, rotate_normals
 from models.discriminator import MultiScalePatchDiscriminator
 from models.encoder import InverseEncoder, NormalEstimator
 from models.gan_losses import (
@@ -60,26 +60,10 @@ from models.gan_losses import (
 )
 from models.losses import masked_l1, ssim_loss
 from models.rasterizer import rasterize_points
-from models.renderer import GARGenerator, ema_update, pack_raster_inputs
+from models.renderer import GARGenerator, GeneratorInputs, ema_update, generator_inputs
 
 __all__ = ["GARModule", "GeneratorInputs"]
 
-
-class GeneratorInputs(NamedTuple):
-    """What the stage rasterizes for G from the student posed by an expression.
-
-    Attributes:
-        inputs: list over scales s of (B, C_s + 4, H / 2^s, W / 2^s) [f_s, normal map, alpha].
-        normal_map: (B, 3, H, W) full-size camera-space normal map (background 0).
-        alpha: (B, 1, H, W) full-size accumulated alpha.
-        base: (B, 3, H, W) the student's rasterized colours on white, the image a residual G
-            refines; None when the module's ``residual`` is off.
-    """
-
-    inputs: list
-    normal_map: torch.Tensor
-    alpha: torch.Tensor
-    base: torch.Tensor | None
 
 DEFAULT_LOSS_WEIGHTS = {
     "l1": 1.0, "ssim": 0.2, "adv": 0.05, "expression": 1.0, "normal": 0.1, "z_swap": 0.1, "z_reg": 1e-3,
@@ -210,31 +194,15 @@ class GARModule(pl.LightningModule):
         )
 
     def raster_inputs(self, batch, expression: torch.Tensor) -> GeneratorInputs:
-        """The generator's inputs for a batch posed by ``expression`` (B, E) (see :class:`GeneratorInputs`)."""
+        """The generator's inputs for a batch posed by ``expression`` (B, E) (:func:`models.renderer.generator_inputs`)."""
         canonical = self._student_canonical()
         points = self.student.deform(canonical, expression)  # (B, N, 3)
         normals_cam = rotate_normals(canonical.normals, batch.world_mat)  # (B, N, 3)
-        features = torch.cat([canonical.feature.expand(len(batch), -1, -1), normals_cam], -1)
-        c = canonical.feature.shape[1]
-        h, w = batch.image.shape[-2:]
-        inputs, normal_map, alpha, base = [], None, None, None
-        for s in range(self.hparams.num_scales):
-            K = batch.K.clone()
-            K[:, :2] = K[:, :2] / 2**s  # pixel edges scale with the image (centres at +0.5)
-            r_px = pixel_radius(points, batch.world_mat, K, self.student.radius)
-            channels = features
-            if s == 0 and self.hparams.residual:  # + the student's colours: the base G refines
-                channels = torch.cat([features, self.student.shade(canonical, batch.world_mat)], -1)
-            out = rasterize_points(
-                points, channels, batch.world_mat, K, (h // 2**s, w // 2**s), r_px,
-                self.hparams.points_per_pixel, background=0.0,
-            )
-            inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c : c + 3], out.alpha))
-            if s == 0:
-                normal_map, alpha = out.image[:, c : c + 3], out.alpha
-                if self.hparams.residual:
-                    base = out.image[:, c + 3 :] + (1.0 - out.alpha)  # the student's render on white
-        return GeneratorInputs(inputs, normal_map, alpha, base)
+        colors = self.student.shade(canonical, batch.world_mat) if self.hparams.residual else None
+        return generator_inputs(
+            points, canonical.feature, normals_cam, batch.world_mat, batch.K, batch.image.shape[-2:],
+            self.hparams.num_scales, self.student.radius, self.hparams.points_per_pixel, colors,
+        )
 
     def reconstruct(
         self, batch, target: torch.Tensor

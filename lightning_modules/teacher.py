@@ -21,27 +21,12 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
-from models.camera import world_to_camera
+from models.camera import pixel_radius
 from models.losses import blendshape_regularization, eikonal_loss, mask_loss, masked_l1, ssim_loss
 from models.rasterizer import PointRasterizer, RasterOutput
 from models.teacher import CanonicalOutput, PointAvatarTeacher
 
-__all__ = ["TeacherModule", "check_finite_losses", "pixel_radius"]
-
-
-def pixel_radius(points: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Splat radius in pixels of world-space disks of radius ``radius`` at each point's depth.
-
-    r_px = radius * fx / z (pinhole; fx from K, z the camera-space depth, clamped at 1e-3).
-
-    Args:
-        points: (B, N, 3) world points; world_mat: (B, 3, 4); K: (B, 3, 3); radius: () world units.
-
-    Returns:
-        (B, N) radii in pixels.
-    """
-    z = world_to_camera(points, world_mat)[..., 2].clamp_min(1e-3)  # (B, N)
-    return radius * K[:, 0, 0, None] / z
+__all__ = ["TeacherModule", "check_finite_losses"]
 
 
 def check_finite_losses(terms: dict[str, torch.Tensor], step: int) -> None:

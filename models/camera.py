@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_homogeneous_mat", "world_to_camera", "camera_to_world", "project", "rotate_normals"]
+__all__ = ["to_homogeneous_mat", "world_to_camera", "camera_to_world", "project", "rotate_normals", "pixel_radius"]
 
 
 def to_homogeneous_mat(world_mat: torch.Tensor) -> torch.Tensor:
@@ -92,3 +92,18 @@ def rotate_normals(normals: torch.Tensor, world_mat: torch.Tensor) -> torch.Tens
         normals = normals.unsqueeze(0).expand(rot.shape[0], -1, -1)
     out = torch.einsum("bij,bnj->bni", rot, normals)
     return torch.nn.functional.normalize(out, dim=-1)
+
+
+def pixel_radius(points: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Splat radius in pixels of world-space disks of radius ``radius`` at each point's depth.
+
+    r_px = radius * fx / z (pinhole; fx from K, z the camera-space depth, clamped at 1e-3).
+
+    Args:
+        points: (B, N, 3) world points; world_mat: (B, 3, 4); K: (B, 3, 3); radius: () world units.
+
+    Returns:
+        (B, N) radii in pixels.
+    """
+    z = world_to_camera(points, world_mat)[..., 2].clamp_min(1e-3)  # (B, N)
+    return radius * K[:, 0, 0, None] / z

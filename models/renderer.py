@@ -48,13 +48,20 @@ asked for a CPU demo). ``up`` is bilinear x2, ``avgpool`` a 2x2 mean.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GARGenerator", "MappingNetwork", "ModulatedConv2d", "ema_update", "pack_raster_inputs"]
+from models.camera import pixel_radius
+from models.rasterizer import rasterize_points
+
+__all__ = [
+    "GARGenerator", "GeneratorInputs", "MappingNetwork", "ModulatedConv2d", "ema_update", "generator_inputs",
+    "pack_raster_inputs",
+]
 
 _LEAK = 0.2
 _BASE_EPS = 1e-3  # logit(base) is taken of base clamped to [eps, 1 - eps]
@@ -83,6 +90,81 @@ def pack_raster_inputs(features: Tensor, normals: Tensor, alpha: Tensor) -> Tens
             f"features, got {tuple(normals.shape)} and {tuple(alpha.shape)}"
         )
     return torch.cat([features, normals, alpha], dim=1)
+
+
+class GeneratorInputs(NamedTuple):
+    """What :func:`generator_inputs` rasterizes for G from a posed point cloud.
+
+    Attributes:
+        inputs: list over scales s of (B, C_s + 4, H / 2^s, W / 2^s) [f_s, normal map, alpha].
+        normal_map: (B, 3, H, W) full-size camera-space normal map (background 0).
+        alpha: (B, 1, H, W) full-size accumulated alpha.
+        base: (B, 3, H, W) the rasterized colours on white, the image a residual G refines; None
+            without colours.
+    """
+
+    inputs: list
+    normal_map: Tensor
+    alpha: Tensor
+    base: Tensor | None
+
+
+def generator_inputs(
+    points: Tensor,
+    latent: Tensor,
+    normals_cam: Tensor,
+    world_mat: Tensor,
+    K: Tensor,
+    image_size: Sequence[int],
+    num_scales: int,
+    radius: Tensor,
+    points_per_pixel: int = 10,
+    colors: Tensor | None = None,
+    rasterize: Callable = rasterize_points,
+) -> GeneratorInputs:
+    """The generator's inputs: [f_s, camera-space normal] rasterized at ``num_scales`` sizes (NPBG).
+
+    Scale s renders at (H / 2^s, W / 2^s) with the intrinsics' first two rows divided by 2^s (pixel
+    edges scale with the image, centres at +0.5) and each point's world-space disk of ``radius``
+    turned into pixels at that scale (:func:`models.camera.pixel_radius`), on a background of 0.
+    With ``colors``, scale 0 also rasterizes them, and ``base`` is their render on white. The GAR
+    stage (``rasterize_points``) and the ONNX export (``rasterize_points_exportable``) both call
+    this, so they render the same inputs.
+
+    Args:
+        points: (B, N, 3) posed (deformed) world points.
+        latent: (N, C_s) or (B, N, C_s) per-point latent codes f_s.
+        normals_cam: (B, N, 3) camera-space unit normals.
+        world_mat: (B, 3, 4) world->camera; K: (B, 3, 3) pixel intrinsics at full size.
+        image_size: (H, W) full size, divisible by 2^(num_scales - 1).
+        num_scales: number of scales.
+        radius: () splat radius in world units.
+        points_per_pixel: rasterizer setting.
+        colors: optional (B, N, 3) colours for the base image.
+        rasterize: :func:`models.rasterizer.rasterize_points` or its exportable form.
+
+    Returns:
+        :class:`GeneratorInputs`.
+    """
+    if latent.dim() == 2:
+        latent = latent.expand(points.shape[0], -1, -1)
+    c = latent.shape[-1]
+    features = torch.cat([latent, normals_cam], -1)  # (B, N, C_s + 3)
+    h, w = int(image_size[0]), int(image_size[1])
+    inputs, normal_map, alpha, base = [], None, None, None
+    for s in range(num_scales):
+        K_s = K.clone()
+        K_s[:, :2] = K_s[:, :2] / 2**s
+        r_px = pixel_radius(points, world_mat, K_s, radius)  # (B, N)
+        channels = torch.cat([features, colors], -1) if s == 0 and colors is not None else features
+        out = rasterize(points, channels, world_mat, K_s, (h // 2**s, w // 2**s), r_px, points_per_pixel,
+                        background=0.0)
+        inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c : c + 3], out.alpha))
+        if s == 0:
+            normal_map, alpha = out.image[:, c : c + 3], out.alpha
+            if colors is not None:
+                base = out.image[:, c + 3 :] + (1.0 - out.alpha)  # the colours on white
+    return GeneratorInputs(inputs, normal_map, alpha, base)
 
 
 class MappingNetwork(nn.Module):

@@ -91,7 +91,7 @@ def front_batch(expression: torch.Tensor) -> AvatarBatch:
 
 def test_a_mouth_code_changes_the_mouth_region_more_than_the_rest(gar_module):
     from datamodules.tiny import TINY_HEAD_FEATURES
-    from lightning_modules.teacher import pixel_radius
+    from models.camera import pixel_radius
     from models.rasterizer import rasterize_points
 
     module = gar_module

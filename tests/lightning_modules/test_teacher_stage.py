@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lightning_modules import teacher as teacher_stage
-from lightning_modules.teacher import TeacherModule, check_finite_losses, pixel_radius
+from lightning_modules.teacher import TeacherModule, check_finite_losses
+from models.camera import pixel_radius
 from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
 
 

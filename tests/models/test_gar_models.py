@@ -429,3 +429,32 @@ def test_normal_estimator_outputs_unit_normals_and_learns_a_normal_map():
     assert loss.item() < min(0.05, first / 4)
     with pytest.raises(ValueError, match="divisible by 4"):
         est(torch.rand(1, 3, 18, 16))
+
+
+def test_generator_inputs_rasterize_every_scale_and_the_base_on_white():
+    from models.camera import pixel_radius
+    from models.rasterizer import rasterize_points
+    from models.renderer import generator_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    points = (torch.rand(1, 200, 3, generator=gen) - 0.5) * 0.6  # a cloud 2.5 units in front of the camera
+    world_mat = torch.cat([torch.eye(3), torch.tensor([[0.0], [0.0], [2.5]])], 1)[None]
+    K = torch.tensor([[[40.0, 0.0, 16.0], [0.0, 40.0, 16.0], [0.0, 0.0, 1.0]]])
+    latent = torch.rand(200, 5, generator=gen)
+    normals = torch.nn.functional.normalize(torch.randn(1, 200, 3, generator=gen), dim=-1)
+    colors = torch.rand(1, 200, 3, generator=gen)
+    radius = torch.tensor(0.05)
+    out = generator_inputs(points, latent, normals, world_mat, K, (32, 32), 3, radius, 10, colors)
+    assert [tuple(x.shape) for x in out.inputs] == [(1, 9, 32, 32), (1, 9, 16, 16), (1, 9, 8, 8)]
+    # scale 1 is the rasterizer at half size with K's first two rows halved and the radius in its pixels
+    K1 = K.clone()
+    K1[:, :2] /= 2
+    ref = rasterize_points(points, torch.cat([latent[None], normals], -1), world_mat, K1, (16, 16),
+                           pixel_radius(points, world_mat, K1, radius), 10, background=0.0)
+    torch.testing.assert_close(out.inputs[1], torch.cat([ref.image, ref.alpha], 1), rtol=0, atol=0)
+    # the base is the colours on white; the normal map and alpha are scale 0's
+    ref0 = rasterize_points(points, colors, world_mat, K, (32, 32), pixel_radius(points, world_mat, K, radius), 10,
+                            background=1.0)
+    torch.testing.assert_close(out.base, ref0.image, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.alpha, out.inputs[0][:, -1:], rtol=0, atol=0)
+    assert generator_inputs(points, latent, normals, world_mat, K, (32, 32), 3, radius).base is None
