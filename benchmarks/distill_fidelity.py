@@ -37,8 +37,11 @@ DEFAULT_RUNS = (Path("runs") / "distill" / "latest", Path("runs") / "demo" / "di
 
 def frame_psnr(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
     """PSNR (dB, data range 1) of every frame of (B, 3, H, W) images in [0, 1]; inf for equal frames."""
-    mse = (pred.clamp(0, 1) - target.clamp(0, 1)).square().flatten(1).mean(1)  # (B,)
-    return [float("inf") if m == 0 else float(-10.0 * torch.log10(m)) for m in mse]
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    psnr = peak_signal_noise_ratio(pred.clamp(0, 1), target.clamp(0, 1), data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3))  # (B,)
+    return [float(v) for v in psnr]
 
 
 @torch.no_grad()

@@ -59,10 +59,11 @@ Choices stated here: BatchNorm (as RandLA-Net and DGCNN) normalises over the poi
 cloud in training mode and uses running statistics in eval mode. The student only ever sees its
 subject's one cloud, so :meth:`Student.recalibrate_batchnorm` sets the running statistics to that
 cloud's statistics under the current weights, and eval mode then equals train mode. The
-distillation does this after every training batch. The exponential average alone lags the weights:
-after the CPU demo's 300 steps at lr 3e-3, the eval-mode normals had a mean cosine of 0.89 to the
-teacher's, against 0.93 in train mode. ``norm="none"`` removes BatchNorm. The point itself is its own first neighbour (both branches); the default
-splat radius is the mean distance to the nearest other point.
+distillation does this where its evaluation starts and in every checkpoint it writes. The
+exponential average alone lags the weights: after the CPU demo's 300 steps at lr 3e-3, the
+eval-mode normals had a mean cosine of 0.89 to the teacher's, against 0.93 in train mode.
+``norm="none"`` removes BatchNorm. The point itself is its own first neighbour (both branches);
+the default splat radius is the mean distance to the nearest other point.
 """
 
 from __future__ import annotations
@@ -273,8 +274,9 @@ class Student(nn.Module):
         BatchNorm reset and averaging cumulatively (``momentum=None``). The pass covers all the
         points, so the statistics are exact for the current weights. The variance is then stored
         biased, the one training-mode BatchNorm divides by (torch keeps the unbiased one). So the
-        eval-mode outputs equal the training-mode ones to float round-off. This is "precise BN" (Wu & Johnson, 2021) over the only batch
-        this network sees. Train/eval flags and momenta are restored. A no-op without BatchNorm.
+        eval-mode outputs equal the training-mode ones to float round-off. This is "precise BN"
+        (Wu & Johnson, 2021) over the only batch this network sees. Train/eval flags and momenta
+        are restored. A no-op without BatchNorm.
 
         Raises:
             ValueError: if the student holds no canonical points.

@@ -188,3 +188,24 @@ def test_distill_fidelity_by_hand_and_on_a_run(distill_run, capsys):
     # the teacher's val PSNR is the stage's own (same renders, same frames, same per-frame mean)
     assert result["teacher_psnr"] == pytest.approx(metrics["teacher/val/psnr"], abs=1e-3)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
+
+
+def test_a_checkpoint_without_validation_still_holds_its_clouds_statistics(teacher_run, tmp_path):
+    """No evaluation loop ran before the save: the checkpoint hook itself recalibrates."""
+    from models.student import Student
+
+    run_stage(
+        "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.warmup_steps=0", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks=[]", "--run_dir", str(tmp_path / "noval"),
+    )
+    ckpt = torch.load(tmp_path / "noval" / "checkpoints" / "last.ckpt", weights_only=False)
+    for state in (ckpt["student"]["state_dict"],
+                  {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}):
+        student = Student(**ckpt["student"]["init_args"])
+        student.load_state_dict(state)
+        with torch.no_grad():
+            evaluated = student.eval().canonical()
+            trained = student.train().canonical()
+        torch.testing.assert_close(evaluated.normals, trained.normals, rtol=1e-4, atol=1e-5)
