@@ -10,6 +10,10 @@ the same number of points:
 - ``teacher_torch``: the teacher's per-frame path in PyTorch with ``--threads`` threads:
   deformation, shading of the camera-space normals and rasterization of the colours from its
   cached canonical outputs (what ``ms_per_frame/teacher`` of the distillation run times);
+- ``gar_torch``: the same frame as ``export_ort`` (same cached student outputs, same EMA
+  generator) in eager PyTorch with ``--threads`` threads and the GAR stage's own rasterizer
+  (:func:`models.rasterizer.rasterize_points`): what the exported graph would reach if ONNX
+  Runtime ran the rasterizer as fast as our PyTorch code does;
 - ``generator_ort``: the generator alone in ONNX Runtime (its rasterized inputs precomputed),
   the part of ``export_ort`` that no rasterizer work can remove.
 
@@ -211,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     def run_generator(*_frame):
         return gen_session.run(None, gen_feed)
 
+    def run_torch(expression, world_mat, K):
+        maps, base = graph.raster_inputs(expression, world_mat, K, rasterize=rasterize_points)
+        return graph.generator(maps, z_b, base)
+
     results = {
         "source": source,
         "num_points": num_points,
@@ -218,9 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "frames": len(frames),
     }
-    timed = (("export_ort", run_ort), ("teacher_torch", teacher), ("generator_ort", run_generator))
+    timed = (("export_ort", run_ort), ("teacher_torch", teacher), ("gar_torch", run_torch),
+             ("generator_ort", run_generator))
     for name, fn in timed:
-        seconds = seconds_per_frame(fn, frames, args.repeats)
+        with torch.no_grad():
+            seconds = seconds_per_frame(fn, frames, args.repeats)
         results[f"{name}_fps"] = 1.0 / seconds
         print(f"{name:>14}: {1000 * seconds:8.1f} ms/frame  {1.0 / seconds:7.1f} frames/s", flush=True)
     results["ratio_export_ort_to_teacher"] = results["export_ort_fps"] / results["teacher_torch_fps"]

@@ -153,6 +153,8 @@ class DistillModule(pl.LightningModule):
         warmup_steps, warmup_lr, warmup_deformation_weight: the per-point warm-up (module
             docstring) at the start of a fit; 0 steps switches it off. A resumed fit does not
             repeat it (the ``warmup_done`` buffer is in the checkpoint).
+        deformation_weight: weight of the blendshape/offset MSE inside L_out during training
+            (1: the paper's unweighted L_out; see :func:`models.losses.output_distillation_loss`).
 
     Raises:
         UpstreamMissingError: no teacher checkpoint (one line naming the command that makes it).
@@ -182,6 +184,7 @@ class DistillModule(pl.LightningModule):
         warmup_steps: int = 0,
         warmup_lr: float = 3e-3,
         warmup_deformation_weight: float = 100.0,
+        deformation_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -190,6 +193,8 @@ class DistillModule(pl.LightningModule):
                 f"warmup_steps must be >= 0, warmup_lr > 0 and warmup_deformation_weight >= 0, got "
                 f"{warmup_steps}, {warmup_lr}, {warmup_deformation_weight}"
             )
+        if not deformation_weight >= 0:
+            raise ValueError(f"deformation_weight must be >= 0, got {deformation_weight}")
         for name, given, known in (
             ("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS),
             ("gt_weights", gt_weights, DEFAULT_GT_WEIGHTS),
@@ -275,7 +280,7 @@ class DistillModule(pl.LightningModule):
             out = output_distillation_loss(
                 canonical.albedo, self.teacher_albedo, canonical.normals, self.teacher_normals,
                 canonical.blendshapes, self.teacher_blendshapes, canonical.offset, self.teacher_offset,
-                s_rgb, t_raster.image[:, :3],
+                s_rgb, t_raster.image[:, :3], deformation_weight=self.hparams.deformation_weight,
             )
             terms["out"] = out.pop("total")
             logs.update({f"out_{k}": v for k, v in out.items()})

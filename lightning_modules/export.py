@@ -151,11 +151,14 @@ class GARFrameGraph(nn.Module):
         return self.blendshapes.shape[1]
 
     def raster_inputs(
-        self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor
+        self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor,
+        rasterize=rasterize_points_exportable,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The generator's inputs: a list over scales of (B, C_s + 4, S / 2^s, S / 2^s), and the
         base image (B, 3, S, S) of a residual generator (else None); the GAR stage's
-        :func:`models.renderer.generator_inputs` with the export-friendly rasterizer."""
+        :func:`models.renderer.generator_inputs` with the export-friendly rasterizer (``rasterize``:
+        :func:`models.rasterizer.rasterize_points` gives the GAR stage's own PyTorch path, the same
+        result faster in eager mode but not exportable)."""
         points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
         normals_cam = rotate_normals(self.normals, world_mat)  # (B, N, 3)
         colors = None
@@ -164,7 +167,7 @@ class GARFrameGraph(nn.Module):
         out = generator_inputs(
             points, self.feature, normals_cam, world_mat, K, (self.image_size, self.image_size),
             self.generator.num_scales, self.radius, self.points_per_pixel, colors,
-            rasterize=rasterize_points_exportable,
+            rasterize=rasterize,
         )
         return out.inputs, out.base
 

@@ -284,11 +284,14 @@ def output_distillation_loss(
     student_image: torch.Tensor | None = None,
     teacher_image: torch.Tensor | None = None,
     image_mask: torch.Tensor | None = None,
+    deformation_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """L_out, the output-level distillation: the student imitates every teacher output.
 
-    ``L_out = albedo L1 + normal (1 - cos) + blendshape/offset MSE + rendered-image L1``
-    (each term unweighted; the stage weights L_out as a whole with λ_out).
+    ``L_out = albedo L1 + normal (1 - cos) + w_d * blendshape/offset MSE + rendered-image L1``
+    (the paper's sum is unweighted, w_d = 1; the stage weights L_out as a whole with λ_out).
+    ``deformation_weight`` w_d balances the blendshapes, small numbers whose MSE is about 1e-4 of
+    the other terms at w_d = 1.
 
     Args:
         student_albedo, teacher_albedo: (N, 3).
@@ -298,14 +301,18 @@ def output_distillation_loss(
         student_image, teacher_image: (B, C, H, W) renders of the two clouds in the same frames,
             or both None (then the ``render`` term is absent).
         image_mask: optional (B, 1, H, W) weights of the render term.
+        deformation_weight: w_d >= 0 on the blendshape/offset term in ``total``.
 
     Returns:
-        dict with scalar tensors ``albedo``, ``normal``, ``deformation``, ``render`` (when images
-        are given) and ``total`` (their sum, L_out).
+        dict with scalar tensors ``albedo``, ``normal``, ``deformation`` (unweighted), ``render``
+        (when images are given) and ``total`` (their sum with w_d on ``deformation``, L_out).
 
     Raises:
-        ValueError: as the term functions, or when only one of the images is given.
+        ValueError: as the term functions, when only one of the images is given, or on a
+            negative ``deformation_weight``.
     """
+    if not deformation_weight >= 0:
+        raise ValueError(f"output_distillation_loss: deformation_weight must be >= 0, got {deformation_weight}")
     terms = {
         "albedo": albedo_distillation_loss(student_albedo, teacher_albedo),
         "normal": normal_distillation_loss(student_normals, teacher_normals),
@@ -317,7 +324,7 @@ def output_distillation_loss(
         raise ValueError("output_distillation_loss: give both rendered images (student and teacher) or neither")
     if student_image is not None:
         terms["render"] = rendered_image_distillation_loss(student_image, teacher_image, image_mask)
-    terms["total"] = sum(terms.values())
+    terms["total"] = sum(deformation_weight * v if k == "deformation" else v for k, v in terms.items())
     return terms
 
 

@@ -72,6 +72,16 @@ def test_loss_terms_switch_off_from_the_command_line(teacher_run, tmp_path):
     assert "distill/train/gt" in logged and "distill/train/out" in logged
     assert not any(k.startswith("distill/train/graph") or k == "distill/train/feat" for k in logged)
     assert cli.model.loss_weights == {"gt": 1.0, "out": 1.0, "feat": 0.0, "graph": 0.0}
+    # L_out with experiments/distill.yaml's weight on its blendshape/offset term (terms logged unweighted)
+    m = cli.trainer.callback_metrics
+    assert cli.model.hparams.deformation_weight == 100.0
+    expected = sum(m[f"distill/train/out_{k}"] for k in ("albedo", "normal", "render")) + 100.0 * m["distill/train/out_deformation"]
+    torch.testing.assert_close(m["distill/train/out"], expected)
+
+
+def test_a_negative_deformation_weight_is_refused(teacher_run):
+    with pytest.raises(ValueError, match="deformation_weight must be >= 0"):
+        _warmup_module(teacher_run, steps=0, deformation_weight=-1.0)
 
 
 def test_saved_student_statistics_are_its_clouds(distill_run):

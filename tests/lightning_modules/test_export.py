@@ -125,6 +125,25 @@ def test_export_matches_pytorch_on_test_frames(gar_run, exported):
     assert np.abs(renders[0] - renders[1]).max() > 1e-3  # the camera reaches the image
 
 
+def test_graph_with_the_stage_rasterizer_is_the_stage_path(gar_run):
+    """raster_inputs(..., rasterize=rasterize_points), the benchmark's gar_torch path, gives the GAR
+    stage's own generator inputs, bit for bit (and so does the default export-friendly rasterizer)."""
+    from lightning_modules.export import frame_graph, load_datamodule, load_gar_module
+    from models.rasterizer import rasterize_points
+
+    module = load_gar_module(gar_run)
+    batch = next(iter(load_datamodule(gar_run).test_dataloader()))
+    graph = frame_graph(module)
+    with torch.no_grad():
+        ref = module.raster_inputs(batch, batch.expression)
+        for rasterize in (rasterize_points, None):
+            kwargs = {} if rasterize is None else {"rasterize": rasterize}
+            maps, base = graph.raster_inputs(batch.expression, batch.world_mat, batch.K, **kwargs)
+            assert len(maps) == len(ref.inputs) == module.generator_ema.num_scales
+            assert all(torch.equal(a, b) for a, b in zip(maps, ref.inputs))
+            assert torch.equal(base, ref.base)
+
+
 def test_exported_z_reaches_the_image(gar_run, tmp_path):
     """After one step the residual generator's to_rgb is still ~0, so z hardly matters; with it moved
     off zero (as training does) the exported z input changes the image as PyTorch says it does."""

@@ -119,6 +119,24 @@ def test_output_loss_sums_its_terms_and_is_zero_for_identical_outputs():
         )
 
 
+def test_output_loss_weights_only_the_deformation_term():
+    s, t = _outputs(0), _outputs(1)
+    plain = _out_loss(s, t)
+    weighted = output_distillation_loss(
+        s["albedo"], t["albedo"], s["normals"], t["normals"], s["blendshapes"], t["blendshapes"],
+        s["offset"], t["offset"], s["image"], t["image"], deformation_weight=100.0,
+    )
+    for name in ("albedo", "normal", "deformation", "render"):  # the terms are logged unweighted
+        assert weighted[name].item() == pytest.approx(plain[name].item())
+    expected = plain["total"].item() + 99.0 * plain["deformation"].item()
+    assert weighted["total"].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="deformation_weight must be >= 0"):
+        output_distillation_loss(
+            s["albedo"], t["albedo"], s["normals"], t["normals"], s["blendshapes"], t["blendshapes"],
+            deformation_weight=-1.0,
+        )
+
+
 def test_output_loss_gradients_reach_student_never_teacher():
     s = {k: v.clone().requires_grad_(True) for k, v in _outputs(0).items()}
     t = {k: v.clone().requires_grad_(True) for k, v in _outputs(1).items()}
