@@ -127,9 +127,10 @@ def test_a_mouth_code_changes_the_mouth_region_more_than_the_rest(gar_module):
         inputs_open = module.raster_inputs(batch, codes[1:2].expand(3, -1)).inputs
         change_in = (inputs_open[0] - inputs_closed[0]).abs().amax(1)[0]  # (H, W)
         assert change_in[~region].max() == 0 and change_in[region].max() > 0.01
-        # the render: a code without a blendshape changes nothing; the mouth code changes the
-        # mouth region several times more per pixel than the rest
-        assert torch.equal(render[2], render[0])
+        # the render: a code without a blendshape changes nothing (up to float round-off: the
+        # shading MLP's batched matmul may round a row differently at another batch position); the
+        # mouth code changes the mouth region several times more per pixel than the rest
+        torch.testing.assert_close(render[2], render[0], rtol=0.0, atol=1e-6)
         change = (render[1] - render[0]).abs().mean(0)  # (H, W)
         assert change[region].mean() > 1e-6
         assert change[region].mean() > 3 * change[~region].mean()
