@@ -10,10 +10,10 @@ the same number of points:
 - ``teacher_torch``: the teacher's per-frame path in PyTorch with ``--threads`` threads:
   deformation, shading of the camera-space normals and rasterization of the colours from its
   cached canonical outputs (what ``ms_per_frame/teacher`` of the distillation run times);
-- ``gar_torch``: the same frame as ``export_ort`` (same cached student outputs, same EMA
-  generator) in eager PyTorch with ``--threads`` threads and the GAR stage's own rasterizer
-  (:func:`models.rasterizer.rasterize_points`): what the exported graph would reach if ONNX
-  Runtime ran the rasterizer as fast as our PyTorch code does;
+- ``gar_torch``: the whole frame of ``export_ort`` (same cached student outputs, same EMA
+  generator), generator included, in eager PyTorch with ``--threads`` threads and the GAR stage's
+  own rasterizer (:func:`models.rasterizer.rasterize_points`): how fast our own PyTorch code runs
+  the frame the graph exports;
 - ``generator_ort``: the generator alone in ONNX Runtime (its rasterized inputs precomputed),
   the part of ``export_ort`` that no rasterizer work can remove.
 

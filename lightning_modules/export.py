@@ -33,6 +33,7 @@ import copy
 import importlib
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from lightning_modules.gar import GARModule
 from lightning_modules.run_folder import UpstreamMissingError
 from models.camera import rotate_normals
 from models.frame import deform_points, shade_points
-from models.rasterizer import rasterize_points_exportable
+from models.rasterizer import RasterOutput, rasterize_points_exportable
 from models.renderer import GARGenerator, generator_inputs
 
 __all__ = [
@@ -152,7 +153,7 @@ class GARFrameGraph(nn.Module):
 
     def raster_inputs(
         self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor,
-        rasterize=rasterize_points_exportable,
+        rasterize: Callable[..., RasterOutput] = rasterize_points_exportable,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The generator's inputs: a list over scales of (B, C_s + 4, S / 2^s, S / 2^s), and the
         base image (B, 3, S, S) of a residual generator (else None); the GAR stage's

@@ -75,6 +75,7 @@ def test_loss_terms_switch_off_from_the_command_line(teacher_run, tmp_path):
     # L_out with experiments/distill.yaml's weight on its blendshape/offset term (terms logged unweighted)
     m = cli.trainer.callback_metrics
     assert cli.model.hparams.deformation_weight == 100.0
+    assert m["distill/train/out_deformation"] > 0  # else the weighted and plain sums would agree
     expected = sum(m[f"distill/train/out_{k}"] for k in ("albedo", "normal", "render")) + 100.0 * m["distill/train/out_deformation"]
     torch.testing.assert_close(m["distill/train/out"], expected)
 
@@ -162,6 +163,8 @@ def test_warmup_follows_the_loss_switches_and_can_be_off(teacher_run):
 def test_the_run_records_its_warmup(distill_run):
     state = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert bool(state["warmup_done"])  # so `--ckpt_path last` skips it
+    hparams = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    assert hparams["deformation_weight"] == 100.0  # experiments/distill.yaml's, kept for a reload
 
 
 def test_a_checkpoint_from_before_the_warmup_is_never_warmed_up_again(distill_run, tmp_path):
