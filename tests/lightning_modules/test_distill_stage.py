@@ -161,10 +161,9 @@ def test_warmup_follows_the_loss_switches_and_can_be_off(teacher_run):
 
 
 def test_the_run_records_its_warmup(distill_run):
-    state = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    assert bool(state["warmup_done"])  # so `--ckpt_path last` skips it
-    hparams = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
-    assert hparams["deformation_weight"] == 100.0  # experiments/distill.yaml's, kept for a reload
+    checkpoint = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert bool(checkpoint["state_dict"]["warmup_done"])  # so `--ckpt_path last` skips it
+    assert checkpoint["hyper_parameters"]["deformation_weight"] == 100.0  # experiments/distill.yaml's, kept for a reload
 
 
 def test_a_checkpoint_from_before_the_warmup_is_never_warmed_up_again(distill_run, tmp_path):

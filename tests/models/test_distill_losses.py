@@ -92,10 +92,10 @@ def _outputs(seed: int, n: int = 5, e: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
-def _out_loss(s: dict, t: dict) -> dict[str, torch.Tensor]:
+def _out_loss(s: dict, t: dict, **kwargs) -> dict[str, torch.Tensor]:
     return output_distillation_loss(
         s["albedo"], t["albedo"], s["normals"], t["normals"], s["blendshapes"], t["blendshapes"],
-        s["offset"], t["offset"], s["image"], t["image"],
+        s["offset"], t["offset"], s["image"], t["image"], **kwargs,
     )
 
 
@@ -122,10 +122,7 @@ def test_output_loss_sums_its_terms_and_is_zero_for_identical_outputs():
 def test_output_loss_weights_only_the_deformation_term():
     s, t = _outputs(0), _outputs(1)
     plain = _out_loss(s, t)
-    weighted = output_distillation_loss(
-        s["albedo"], t["albedo"], s["normals"], t["normals"], s["blendshapes"], t["blendshapes"],
-        s["offset"], t["offset"], s["image"], t["image"], deformation_weight=100.0,
-    )
+    weighted = _out_loss(s, t, deformation_weight=100.0)
     for name in ("albedo", "normal", "deformation", "render"):  # the terms are logged unweighted
         assert weighted[name].item() == pytest.approx(plain[name].item())
     expected = plain["total"].item() + 99.0 * plain["deformation"].item()
