@@ -13,9 +13,10 @@ Two dataset flavours are read (:func:`read_dataset`):
   heads that turn); the expression code is ``expression`` (50) followed by ``pose[3:]`` (neck,
   jaw, eyes: 12), E = 62. Masks are grey levels / 255, thresholded at 0.5.
 
-:class:`AvatarDataModule` prepares the dataset when missing (``prepare_data``), splits frames by
-their order (train, then val, then the last ``test_fraction`` as test; see
-:func:`datamodules.prepare.split_counts`), refuses a split whose val/test frames were seen by the
+:class:`AvatarDataModule` prepares the dataset when missing (``prepare_data``), splits frames into
+disjoint train / val / test sets by their order (test: the last ``test_fraction`` of the clip; val:
+the block before it, or frames spread over the training range; see
+:func:`datamodules.prepare.split_indices`), refuses a split whose val/test frames were seen by the
 expression PCA, crops one square box around the head over the whole video (the union of the
 head-mask boxes, enlarged by ``crop_margin``), resizes it to ``image_size`` and keeps all frames
 in memory as uint8 tensors, converted to float per item.
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batch import collate_avatar
-from datamodules.prepare import DEFAULT_EXPRESSION_DIM, DEFAULT_FOV, JSON_NAME, split_counts
+from datamodules.prepare import DEFAULT_EXPRESSION_DIM, DEFAULT_FOV, JSON_NAME, split_indices
 from datamodules.resumable import ResumableDataLoader
 
 __all__ = [
@@ -479,10 +480,14 @@ class AvatarDataModule(pl.LightningDataModule):
         image_size: side S of the square crop served (pixels).
         batch_size: frames per batch.
         num_workers: DataLoader workers.
-        test_fraction: the last fraction of frames, held out as test.
-        val_fraction: a block before the test frames held out as val; 0 = validate on every
-            ``val_every``-th test frame (never a training frame either way).
-        val_every: stride over the test frames used as val when ``val_fraction`` is 0.
+        test_fraction: the last fraction of frames, held out as test (read only by ``lightning test``
+            and the report).
+        val_fraction: the fraction held out as val (checkpoint selection, sweeps, design choices);
+            0 = no validation frames (warned: ``best.ckpt`` then has nothing to select on).
+            Never a test or training frame.
+        val_mode: ``"block"`` (the frames just before test) or ``"interleaved"`` (spread over the
+            training range), :func:`datamodules.prepare.split_indices`.
+        val_every: keep every ``val_every``-th val frame (a cheaper validation).
         expression_dim: E used when preparing (None: 16). An existing dataset's own E wins (with
             a warning when an explicitly given value differs).
         fov: horizontal field of view (degrees) used when preparing.
@@ -499,7 +504,7 @@ class AvatarDataModule(pl.LightningDataModule):
 
     def __init__(self, data_root: str = "data", video: str | None = None, dataset_name: str | None = None,
                  image_size: int = 128, batch_size: int = 8, num_workers: int = 0, test_fraction: float = 0.2,
-                 val_fraction: float = 0.0, val_every: int = 1, expression_dim: int | None = None,
+                 val_fraction: float = 0.1, val_mode: str = "block", val_every: int = 1, expression_dim: int | None = None,
                  fov: float = DEFAULT_FOV, max_frames: int | None = None, crop_margin: float = 0.1,
                  shuffle: bool = True, driving_video: str | None = None) -> None:
         super().__init__()
@@ -513,7 +518,10 @@ class AvatarDataModule(pl.LightningDataModule):
             raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
-        split_counts(100, test_fraction, val_fraction)  # validates the fractions
+        split_indices(100, test_fraction, val_fraction, val_mode)  # validates the split
+        if val_fraction == 0:
+            warnings.warn("val_fraction=0: no validation frames, so best.ckpt and early stopping have nothing to "
+                          "select on (the test frames are never used for that)", stacklevel=2)
         # expression_dim is logged through the model (linked, resolved); None here would clash with it
         self.save_hyperparameters(ignore=["expression_dim"])
         self.data_root = Path(data_root)
@@ -529,6 +537,7 @@ class AvatarDataModule(pl.LightningDataModule):
         self._configured_expression_dim = int(expression_dim) if expression_dim is not None else DEFAULT_EXPRESSION_DIM
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.test_fraction, self.val_fraction, self.val_every = test_fraction, val_fraction, val_every
+        self.val_mode = val_mode
         self.fov, self.max_frames, self.crop_margin = fov, max_frames, crop_margin
         self.record: AvatarRecord | None = None
         self.train_set = self.val_set = self.test_set = None
@@ -579,7 +588,8 @@ class AvatarDataModule(pl.LightningDataModule):
         if self.dataset_dir.exists():
             self.dataset_dir.rmdir()  # an empty folder: prepare creates it atomically
         prepare(self.video, self.dataset_dir, fov=self.fov, expression_dim=self._configured_expression_dim,
-                test_fraction=self.test_fraction, val_fraction=self.val_fraction, max_frames=self.max_frames)
+                test_fraction=self.test_fraction, val_fraction=self.val_fraction, val_mode=self.val_mode,
+                max_frames=self.max_frames)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the dataset, split it, crop and resize every frame into memory (once).
@@ -593,18 +603,18 @@ class AvatarDataModule(pl.LightningDataModule):
             return
         record = read_dataset(self.dataset_dir)
         n = len(record.frame_numbers)
-        n_train, n_val, n_test = split_counts(n, self.test_fraction, self.val_fraction)
-        order = np.arange(n)
-        train_idx = order[:n_train]
-        test_idx = order[n_train + n_val:]
-        val_idx = order[n_train:n_train + n_val] if n_val > 0 else test_idx[::self.val_every]
+        train_idx, val_idx, test_idx = split_indices(n, self.test_fraction, self.val_fraction, self.val_mode)
+        val_idx = val_idx[::self.val_every]
         held_out = set(record.frame_numbers[np.concatenate([val_idx, test_idx])].tolist())
         leaked = sorted(held_out & set(record.pca_fit_frames))
         if leaked:
+            prepared = (record.meta.get("split") or {})
             raise ValueError(
-                f"the split (test_fraction={self.test_fraction}, val_fraction={self.val_fraction}) puts frames "
-                f"{leaked[:5]}{'...' if len(leaked) > 5 else ''} in val/test, but {self.dataset_dir}'s expression PCA "
-                "was fitted on them; use the fractions it was prepared with or prepare a new dataset_name")
+                f"the split (test_fraction={self.test_fraction}, val_fraction={self.val_fraction}, "
+                f"val_mode={self.val_mode}) puts frames {leaked[:5]}{'...' if len(leaked) > 5 else ''} in val/test, but "
+                f"{self.dataset_dir}'s expression PCA was fitted on them (it was prepared with "
+                f"val_fraction={prepared.get('val_fraction', '?')}, val_mode={prepared.get('val_mode', 'block')}); "
+                "pass those, or remove the folder to prepare it again")
         box = square_crop_box(record.head_box if record.head_box is not None else self._mask_union(record),
                               record.width, record.height, self.crop_margin)
         size = self._image_size
@@ -699,15 +709,23 @@ class AvatarDataModule(pl.LightningDataModule):
         """Frame rate of the driving video (None when unknown or not built yet)."""
         return (self.driving.fps or None) if self.driving is not None else None
 
-    def mean_train_image(self) -> torch.Tensor:
-        """The mean training image (the ``baseline_mean`` prediction).
+    def training_frames(self) -> dict[str, torch.Tensor]:
+        """The training frames, for the baselines (:class:`lightning_modules.metrics.Baselines`).
 
         Returns:
-            (3, S, S) float32 in [0, 1].
+            {"image": (F, 3, S, S) float32 in [0, 1], "mask": (F, 1, S, S) float32 in {0, 1},
+            "world_mat": (F, 3, 4) float32, "expression": (F, E) float32}.
+
+        Raises:
+            RuntimeError: before ``setup()``.
         """
         if self.train_set is None:
-            raise RuntimeError("call setup() before mean_train_image()")
-        if getattr(self, "_mean_train_image", None) is None or self._mean_train_source is not self.train_set:
-            self._mean_train_image = self.train_set.images.float().mean(0) / 255.0  # once per training set
-            self._mean_train_source = self.train_set
-        return self._mean_train_image
+            raise RuntimeError("call setup() before training_frames()")
+        t = self.train_set
+        return {"image": t.images.float() / 255.0, "mask": t.masks.float(), "world_mat": t.world_mats,
+                "expression": t.expressions}
+
+    def split_sizes(self) -> dict[str, int]:
+        """Frames per split, {"train", "val", "test"} (after ``setup()``)."""
+        return {"train": len(self.train_frame_indices), "val": len(self.val_frame_indices),
+                "test": len(self.test_frame_indices)}

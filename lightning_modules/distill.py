@@ -47,7 +47,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
-from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
+from lightning_modules.metrics import HeldOutMetrics, composite_on_white, multiply_adds, refine_codes, time_per_frame
 from lightning_modules.run_folder import upstream_checkpoint
 from lightning_modules.teacher import TeacherModule, check_finite_losses
 from models.adapters import FeatureAdapter
@@ -159,6 +159,8 @@ class DistillModule(pl.LightningModule):
             repeat it (the ``warmup_done`` buffer is in the checkpoint).
         deformation_weight: weight of the blendshape/offset MSE inside L_out during training
             (1: the paper's unweighted L_out; see :func:`models.losses.output_distillation_loss`).
+        refine_steps, refine_lr: the student's ``refined`` row (:func:`~lightning_modules.metrics.refine_codes`)
+            in ``lightning validate``/``test`` runs; 0 steps: none.
 
     Raises:
         UpstreamMissingError: no teacher checkpoint (one line naming the command that makes it).
@@ -168,7 +170,7 @@ class DistillModule(pl.LightningModule):
 
     stage = "distill"
     upstream = ("teacher", "teacher_ckpt")
-    monitor = "student/val/psnr"
+    monitor = "student/tracked/val/full/psnr"
     monitor_mode = "max"
 
     def __init__(
@@ -190,6 +192,8 @@ class DistillModule(pl.LightningModule):
         warmup_lr: float = 3e-3,
         warmup_deformation_weight: float = 100.0,
         deformation_weight: float = 1.0,
+        refine_steps: int = 20,
+        refine_lr: float = 5e-3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -198,6 +202,8 @@ class DistillModule(pl.LightningModule):
                 f"warmup_steps must be >= 0, warmup_lr > 0 and warmup_deformation_weight >= 0, got "
                 f"{warmup_steps}, {warmup_lr}, {warmup_deformation_weight}"
             )
+        if refine_steps < 0 or not refine_lr > 0:
+            raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {refine_steps} and {refine_lr}")
         if not deformation_weight >= 0:
             raise ValueError(f"deformation_weight must be >= 0, got {deformation_weight}")
         for name, given, known in (
@@ -230,11 +236,11 @@ class DistillModule(pl.LightningModule):
         self.adapter = FeatureAdapter(self.student.latent_dim, self.teacher_feature.shape[1])
         self.register_buffer("warmup_done", torch.zeros((), dtype=torch.bool))  # persistent: resume skips it
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
-        self.metrics = HeldOutMetrics(("baseline_mean", "teacher", "student"))
+        self.metrics = HeldOutMetrics({"baseline_mean": ("tracked",), "baseline_nearest": ("tracked",),
+                                       "teacher": ("tracked",), "student": ("tracked", "refined")})
         self.strict_loading = False  # checkpoints omit the frozen teacher
         self._eval_student: StudentCanonical | None = None
-        self._evaluated_splits: set[str] = set()
-        self._ms_per_frame: dict[str, float] = {}
+        self._frame_cost: dict[str, float] = {}
 
     # -- the frozen teacher ------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -309,23 +315,43 @@ class DistillModule(pl.LightningModule):
         return loss
 
     # -- evaluation --------------------------------------------------------------------------------
+    def _render_codes(self, batch, canonical: StudentCanonical):
+        """(expression, world_mat, extra) -> the student's render (B, 3, H, W) of ``batch``'s frames."""
+        def render(expression, world_mat, extra=None):
+            out = self.student(expression, world_mat, canonical=canonical)
+            r_px = pixel_radius(out["points"], world_mat, batch.K, self.student.radius)
+            return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=r_px).image[:, :3]
+        return render
+
+    def _refine(self) -> bool:
+        """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
+        return self.hparams.refine_steps > 0 and self.trainer.state.fn != "fit"
+
+    def _refined_render(self, batch, canonical: StudentCanonical) -> torch.Tensor:
+        render = self._render_codes(batch, canonical)
+        hp = self.hparams
+        codes = refine_codes(render, batch.expression, batch.world_mat, composite_on_white(batch.image, batch.mask),
+                             hp.refine_steps, hp.refine_lr)
+        with torch.no_grad():
+            return render(codes.expression, codes.world_mat)
+
     def _eval_step(self, batch) -> None:
         if self._eval_student is None:  # per subject: once per evaluation epoch
             self._eval_student = self.student.canonical()
         _, s_raster = self.render_student(batch, self._eval_student)
         _, t_raster = self.render_teacher(batch)
-        self.metrics.update("student", s_raster.image[:, :3], batch.image, batch.mask)
-        self.metrics.update("teacher", t_raster.image[:, :3], batch.image, batch.mask)
-        baseline = baseline_mean_prediction(self.trainer, batch)
-        if baseline is not None:
-            self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
+        self.metrics.update("student", "tracked", s_raster.image[:, :3], batch.image, batch.mask)
+        self.metrics.update("teacher", "tracked", t_raster.image[:, :3], batch.image, batch.mask)
+        self.metrics.update_baselines(self.trainer, batch)
+        if self._refine():
+            self.metrics.update("student", "refined", self._refined_render(batch, self._eval_student),
+                                batch.image, batch.mask)
 
     def _eval_epoch_end(self, split: str) -> None:
-        self.log_dict(self.metrics.compute(split))
+        if not self.trainer.sanity_checking:
+            self.log_dict(self.metrics.compute(split))
         self.metrics.reset()
         self._eval_student = None
-        if not self.trainer.sanity_checking:
-            self._evaluated_splits.add(split)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -335,23 +361,25 @@ class DistillModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch)
-        if batch_idx == 0:
+        if batch_idx == 0 and self.trainer.is_global_zero:
             self._time_frames(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
     @torch.no_grad()
-    def _time_frames(self, batch, repeats: int = 3) -> None:
-        """Milliseconds per frame of the per-frame path (deform, shade, rasterize; canonical cached)."""
+    def _time_frames(self, batch) -> None:
+        """``ms_per_frame/{teacher,student}/tracked``: deform, shade, rasterize one frame (canonical
+        cached); with the refined row, ``ms_per_frame/student/refined`` and
+        ``flops_per_frame/student/refined`` (the refinement's passes, :func:`~lightning_modules.metrics.multiply_adds`)."""
         one = batch.head(1)
         cached = self.student.canonical()
-        for name, render in (("teacher", self.render_teacher), ("student", lambda b: self.render_student(b, cached))):
-            render(one)  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                render(one)
-            self._ms_per_frame[name] = 1000 * (time.perf_counter() - start) / repeats
+        self._frame_cost["ms_per_frame/teacher/tracked"] = time_per_frame(lambda: self.render_teacher(one))
+        self._frame_cost["ms_per_frame/student/tracked"] = time_per_frame(lambda: self.render_student(one, cached))
+        if self._refine():
+            self._frame_cost["ms_per_frame/student/refined"] = time_per_frame(
+                lambda: self._refined_render(one, cached), repeats=1)
+            self._frame_cost["flops_per_frame/student/refined"] = multiply_adds(lambda: self._refined_render(one, cached))
 
     @torch.no_grad()
     def visualize(self, batch) -> dict[str, torch.Tensor]:
@@ -374,11 +402,8 @@ class DistillModule(pl.LightningModule):
             "params/teacher": sum(p.numel() for p in self.teacher.canonical_network_parameters()),
         }
         metrics["params_ratio"] = metrics["params/student"] / metrics["params/teacher"]
-        for name, ms in self._ms_per_frame.items():
-            metrics[f"ms_per_frame/{name}"] = ms
-        for split in self._evaluated_splits:
-            metrics[f"teacher/{split}/lpips"] = None
-            metrics[f"student/{split}/lpips"] = None
+        metrics.update(self._frame_cost)
+        metrics.update(self.metrics.null_metrics())
         return metrics
 
     def flop_targets(self) -> dict[str, FlopTarget]:

@@ -49,7 +49,7 @@ N points"):
   everything that depends only on the canonical points: teacher = geometry MLP with its
   SDF-gradient normals + deformer MLP; student = both branches, fusion and heads. The shading
   MLP is *not* in it: it reads camera-space normals, so it runs per frame.
-* per frame (``flops_per_frame/<model>`` at the run's N, one frame): deformation
+* per frame (``flops_per_frame/<model>/tracked`` at the run's N, one frame): deformation
   (x + o + sum_e psi_e B_e), rotating the normals into the camera and the shading MLP of that
   camera's normals, colour. The rasterizer is left out for both models (the same renderer for
   both, not part of either model; its time is in ``ms_per_frame``).
@@ -610,7 +610,7 @@ class FlopCounter(pl.Callback):
     :func:`lightning_modules.run_folder.record_metrics`) for each model m:
 
     ``params/m``, ``flops/m`` (N = ``reference_points``, 10,000), ``flops_run/m`` (the run's N),
-    ``flops_per_frame/m``; and with both a teacher and a student ``params_ratio`` and
+    ``flops_per_frame/m/tracked``; and with both a teacher and a student ``params_ratio`` and
     ``flops_ratio`` (student / teacher). A per-module table and the unsupported operators go
     to the log. A model that cannot be counted is a warning, never a crashed fit: its other keys
     are still written.
@@ -685,7 +685,7 @@ class FlopCounter(pl.Callback):
             reference.table(self.max_depth, title=f"  per module (N = {self.reference_points:,}):"),
         ]
         if frame is not None:
-            out[f"flops_per_frame/{name}"] = frame.total
+            out[f"flops_per_frame/{name}/tracked"] = frame.total
             lines.append(f"  per frame: {frame.total:,} flops (N = {target.num_points:,})")
             if frame.unsupported:
                 lines.append("  per frame unsupported (counted 0): " + ", ".join(sorted(frame.unsupported)))

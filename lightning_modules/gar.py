@@ -17,14 +17,17 @@ Manual optimisation, three phases per step (DESIGN.md "GAR"; Piao et al., CVPR 2
 - D: non-saturating logistic (or hinge) loss, lazy R1 every ``r1_every`` steps (scaled by it);
 - N: 1 - cos between N(real frame) and the rasterized normal map of the tracked expression.
 
-An EMA copy of G renders for evaluation. Test frames are scored for ``student`` (the student's
-rasterized colours), ``gar`` (z and expression from E, which sees the target frame as DESIGN.md
-notes; with ``invert_steps`` > 0, GAR's inversion: E's output refined by that many gradient steps
-through the frozen EMA G on the frame itself) and ``gar_meanz`` (z = the running mean of the
-training z, tracked expression). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
+An EMA copy of G renders for evaluation. Held-out frames are scored (:mod:`lightning_modules.metrics`)
+for ``student/tracked`` (the student's rasterized colours), ``gar/tracked`` (the headline: z = the
+running mean of the training z, the tracked expression and camera; nothing looks at the frame)
+and, in ``lightning validate``/``test`` runs, two labelled ``refined`` rows that look at the frame
+they are scored on: ``gar/refined`` (expression, head pose and z refined by ``refine_steps``
+gradient steps against the frame from the tracked codes and the mean z, G frozen) and
+``gar_inverted/refined`` (GAR's inversion: E's z and expression, refined by ``invert_steps`` steps
+through the frozen EMA G). ``gar/d_collapse`` (logged) turns 1 with a warning when the D
 loss stays below ``collapse_threshold`` for ``collapse_patience`` steps.
 
-Reenactment: ``lightning predict ... --data.init_args.driving_video VIDEO`` renders ``gar_meanz``
+Reenactment: ``lightning predict ... --data.init_args.driving_video VIDEO`` renders ``gar``
 with a driving video's expressions and head motion (:meth:`GARModule.predict_step`,
 :mod:`datamodules.driving`) into ``renders/reenact.mp4``.
 """
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -42,9 +44,14 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.distill import load_student
-from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
+from lightning_modules.metrics import (
+    HeldOutMetrics,
+    composite_on_white,
+    multiply_adds,
+    refine_codes,
+    time_per_frame,
+)
 from lightning_modules.run_folder import upstream_checkpoint
-from lightning_modules.swd import SlicedWasserstein
 from lightning_modules.teacher import check_finite_losses
 from models.camera import pixel_radius, rotate_normals
 from models.discriminator import MultiScalePatchDiscriminator
@@ -68,7 +75,11 @@ __all__ = ["GARModule", "GeneratorInputs"]
 DEFAULT_LOSS_WEIGHTS = {
     "l1": 1.0, "ssim": 0.2, "adv": 0.05, "expression": 1.0, "normal": 0.1, "z_swap": 0.1, "z_reg": 1e-3,
 }
-MODELS = ("baseline_mean", "student", "gar", "gar_meanz")
+#: Rows this stage scores: model -> protocols (``refined`` rows only outside a fit).
+ROWS = {
+    "baseline_mean": ("tracked",), "baseline_nearest": ("tracked",), "student": ("tracked",),
+    "gar": ("tracked", "refined"), "gar_inverted": ("refined",),
+}
 
 
 class GARModule(pl.LightningModule):
@@ -94,10 +105,11 @@ class GARModule(pl.LightningModule):
             features alone; ``experiments/gar.yaml`` turns it on (G starts from the student's
             render rather than from grey).
         seed: seeds the z-swap permutations (one generator per step).
-        invert_steps, invert_lr: GAR's inversion for the ``gar`` row (:meth:`invert`): E's (z,
-            expression) refined by this many Adam steps through the frozen EMA generator; 0 (the
-            default: E's output as it is) keeps the row DESIGN.md defines; ``experiments/gar.yaml``
-            asks for 20.
+        invert_steps, invert_lr: GAR's inversion, the ``gar_inverted/refined`` row (:meth:`invert`):
+            E's (z, expression) refined by this many Adam steps through the frozen EMA generator;
+            0 (the default) scores E's output as it is; ``experiments/gar.yaml`` asks for 20.
+        refine_steps, refine_lr: the ``gar/refined`` row (:func:`~lightning_modules.metrics.refine_codes`
+            from the tracked codes and the mean z); 0 steps: none.
 
     Raises:
         UpstreamMissingError: no student checkpoint (one line naming the command that makes it).
@@ -106,7 +118,7 @@ class GARModule(pl.LightningModule):
 
     stage = "gar"
     upstream = ("distill", "student_ckpt")
-    monitor = "gar/val/psnr"
+    monitor = "gar/tracked/val/full/psnr"
     monitor_mode = "max"
     #: each phase's backward reaches one optimizer's parameters: the CLI turns on DDP's search for
     #: unused parameters (as strategy="ddp_find_unused_parameters_true" does)
@@ -140,6 +152,8 @@ class GARModule(pl.LightningModule):
         residual: bool = False,
         invert_steps: int = 0,
         invert_lr: float = 0.05,
+        refine_steps: int = 20,
+        refine_lr: float = 5e-3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -148,6 +162,9 @@ class GARModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown loss_weights {sorted(unknown)}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        if refine_steps < 0 or not refine_lr > 0 or invert_steps < 0:
+            raise ValueError(f"refine_steps and invert_steps must be >= 0 and refine_lr > 0, got {refine_steps}, "
+                             f"{invert_steps} and {refine_lr}")
 
         path = upstream_checkpoint(student_ckpt, "distill", "student_ckpt")
         self.student = load_student(str(path)).requires_grad_(False).eval()
@@ -171,10 +188,8 @@ class GARModule(pl.LightningModule):
         self.normal_estimator = NormalEstimator()
         self.register_buffer("z_mean", torch.zeros(z_dim))  # running mean of the training z (gar_meanz)
         self.collapse = CollapseMonitor(collapse_threshold, collapse_patience)
-        self.metrics = HeldOutMetrics(MODELS)
-        self.swd = torch.nn.ModuleDict({m: SlicedWasserstein(patches_per_image=64) for m in MODELS[1:]})
-        self._evaluated_splits: set[str] = set()
-        self._frame_cost: dict[str, float] = {}  # ms_per_frame/gar, flops_per_frame/gar (test)
+        self.metrics = HeldOutMetrics(ROWS, swd_models=("student", "gar", "gar_inverted"))
+        self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
         self._last_renders: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # for visualize
         self._collapse_warned = False
 
@@ -362,41 +377,63 @@ class GARModule(pl.LightningModule):
         return z.detach(), code.detach()
 
     @torch.no_grad()
-    def render_all(self, batch) -> dict[str, torch.Tensor]:
-        """Test-time renders (B, 3, H, W): ``student``, ``gar`` (z and expression by :meth:`invert`), ``gar_meanz``."""
-        z, expression = self.invert(batch)
-        gar = self.generate(self.generator_ema, self.raster_inputs(batch, expression), z)
-        return {"student": self.render_student(batch), "gar": gar, "gar_meanz": self.render_meanz(batch)}
+    def render_all(self, batch, refined: bool = False) -> dict[str, torch.Tensor]:
+        """Evaluation renders (B, 3, H, W): ``student`` and ``gar`` (tracked: nothing looks at the
+        frame); with ``refined``, also ``gar_refined`` and ``gar_inverted``, which look at it."""
+        renders = {"student": self.render_student(batch), "gar": self.render_meanz(batch)}
+        if refined:
+            renders["gar_refined"] = self.render_refined(batch)
+            renders["gar_inverted"] = self.render_inverted(batch)
+        return renders
 
     @torch.no_grad()
     def render_meanz(self, batch) -> torch.Tensor:
-        """The EMA generator's render (B, 3, H, W) of ``batch.expression`` posed by ``batch.world_mat``
-        through ``batch.K``, with z = the mean training z (``gar_meanz``; also the reenactment render)."""
+        """The ``gar`` row: the EMA generator's render (B, 3, H, W) of ``batch.expression`` posed by
+        ``batch.world_mat`` through ``batch.K``, with z = the mean training z (also the reenactment render)."""
         inputs = self.raster_inputs(batch, batch.expression)
         return self.generate(self.generator_ema, inputs, self.z_mean.expand(len(batch), -1))
 
+    @torch.no_grad()
+    def render_inverted(self, batch) -> torch.Tensor:
+        """The ``gar_inverted`` row: z and expression by :meth:`invert` (E, then ``invert_steps``), (B, 3, H, W)."""
+        z, expression = self.invert(batch)
+        return self.generate(self.generator_ema, self.raster_inputs(batch, expression), z)
+
+    def _render_codes(self, batch):
+        """(expression, world_mat, z) -> the EMA generator's render (B, 3, H, W) of ``batch``'s frames."""
+        def render(expression, world_mat, z):
+            posed = dataclasses.replace(batch, world_mat=world_mat)
+            return self.generate(self.generator_ema, self.raster_inputs(posed, expression), z)
+        return render
+
+    @torch.no_grad()
+    def render_refined(self, batch) -> torch.Tensor:
+        """The ``gar/refined`` row: expression, head pose and z refined against the frame from the
+        tracked codes and the mean z (:func:`~lightning_modules.metrics.refine_codes`), (B, 3, H, W)."""
+        render = self._render_codes(batch)
+        hp = self.hparams
+        codes = refine_codes(render, batch.expression, batch.world_mat, composite_on_white(batch.image, batch.mask),
+                             hp.refine_steps, hp.refine_lr, extra=self.z_mean.expand(len(batch), -1))
+        return render(codes.expression, codes.world_mat, codes.extra)
+
+    def _refine(self) -> bool:
+        """The refined rows run in ``lightning validate``/``test`` only: never inside a fit (selection)."""
+        return self.trainer.state.fn != "fit"
+
     def _eval_step(self, batch) -> None:
-        renders = self.render_all(batch)
+        renders = self.render_all(batch, refined=self._refine())
         self._last_renders = (batch.frame_index.clone(), renders)  # RenderLogger's visualize reuses them
-        target = composite_on_white(batch.image, batch.mask)
+        rows = {"student": ("student", "tracked"), "gar": ("gar", "tracked"), "gar_refined": ("gar", "refined"),
+                "gar_inverted": ("gar_inverted", "refined")}
         for name, image in renders.items():
-            self.metrics.update(name, image, batch.image, batch.mask)
-            self.swd[name].update(image.clamp(0, 1), target)
-        baseline = baseline_mean_prediction(self.trainer, batch)
-        if baseline is not None:
-            self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
+            self.metrics.update(*rows[name], image, batch.image, batch.mask)
+        self.metrics.update_baselines(self.trainer, batch)
 
     def _eval_epoch_end(self, split: str) -> None:
-        values = self.metrics.compute(split)
-        for name, metric in self.swd.items():
-            if metric.update_called:
-                values[f"{name}/{split}/swd"] = float(metric.compute())
-            metric.reset()
-        self.log_dict(values)
+        if not self.trainer.sanity_checking:
+            self.log_dict(self.metrics.compute(split))
         self.metrics.reset()
         self._last_renders = None
-        if not self.trainer.sanity_checking:
-            self._evaluated_splits.add(split)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -410,24 +447,22 @@ class GARModule(pl.LightningModule):
             self._frame_costs(batch)
 
     @torch.no_grad()
-    def _frame_costs(self, batch, repeats: int = 3) -> None:
-        """``ms_per_frame/gar`` and ``flops_per_frame/gar`` of one frame of ``gar_meanz``.
+    def _frame_costs(self, batch) -> None:
+        """Per-frame cost of each row, on one frame.
 
-        The per-frame path: the student's deformation by the expression, rasterization at every
-        scale and the EMA generator (student canonical outputs cached). Milliseconds time the
-        whole path (mean of ``repeats`` after a warm-up); FLOPs (fvcore, one multiply-add = one
-        flop) count the deformation, the student's shading (a residual generator's base image)
-        and the generator, the rasterizer left out as for the other models (DESIGN.md,
-        "Counting rules").
+        ``gar/tracked``: the student's deformation by the expression, rasterization at every scale
+        and the EMA generator (student canonical outputs cached); FLOPs (fvcore, one multiply-add =
+        one flop) count the deformation, the student's shading (a residual generator's base image)
+        and the generator, the rasterizer left out as for the other models (DESIGN.md, "Counting
+        rules"). ``gar/refined`` and ``gar_inverted/refined``: the whole refinement (E for the
+        inverted row, every forward and backward pass through G), FLOPs by
+        :func:`~lightning_modules.metrics.multiply_adds`. Milliseconds: the mean of 3 calls after a
+        warm-up (1 for the refined rows).
         """
         from lightning_modules.flops import count_flops
 
         one = batch.head(1)
-        self.render_meanz(one)  # warm-up
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.render_meanz(one)
-        self._frame_cost["ms_per_frame/gar"] = 1000 * (time.perf_counter() - start) / repeats
+        self._frame_cost["ms_per_frame/gar/tracked"] = time_per_frame(lambda: self.render_meanz(one))
         inputs = self.raster_inputs(one, one.expression)
         z = self.z_mean.expand(1, -1)
         deform = count_flops(self.student.deform, (self._student_canonical(), one.expression)).total
@@ -435,15 +470,19 @@ class GARModule(pl.LightningModule):
         shade = 0  # the residual generator's base image needs the student's colours
         if self.hparams.residual:
             shade = count_flops(self.student.shade, (self._student_canonical(), one.world_mat)).total
-        self._frame_cost["flops_per_frame/gar"] = deform + shade + generate
+        self._frame_cost["flops_per_frame/gar/tracked"] = deform + shade + generate
+        if self._refine():
+            for row, fn in (("gar/refined", self.render_refined), ("gar_inverted/refined", self.render_inverted)):
+                self._frame_cost[f"ms_per_frame/{row}"] = time_per_frame(lambda fn=fn: fn(one), repeats=1)
+                self._frame_cost[f"flops_per_frame/{row}"] = multiply_adds(lambda fn=fn: fn(one))
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
     @torch.no_grad()
     def visualize(self, batch) -> dict[str, torch.Tensor]:
-        """Grid columns: ground truth | student | gar | gar_meanz (the evaluation step's renders of
-        this batch when it just made them: the inversion is not run twice)."""
+        """Grid columns: ground truth | student | gar (tracked), and in validate/test runs the labelled
+        refined rows (the evaluation step's renders of this batch when it just made them)."""
         cached = getattr(self, "_last_renders", None)
         if cached is not None and torch.equal(cached[0].to(batch.frame_index.device), batch.frame_index):
             renders = cached[1]
@@ -463,16 +502,14 @@ class GARModule(pl.LightningModule):
         return {"reenact": self.render_meanz(batch).clamp(0, 1), "driver": batch.image}
 
     def run_metrics(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {
+        return {
             "params/student": sum(p.numel() for p in self.student.canonical_network_parameters()),
             "params/gar": sum(p.numel() for p in self.generator.parameters()),
+            "params/gar_inverted": sum(p.numel() for p in (*self.generator.parameters(), *self.encoder.parameters())),
             "num_points": self.student.num_points,
             **self._frame_cost,
+            **self.metrics.null_metrics(),
         }
-        for split in self._evaluated_splits:
-            for model in ("student", "gar", "gar_meanz"):
-                metrics[f"{model}/{split}/lpips"] = None
-        return metrics
 
     # -- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,20 +1,78 @@
-"""Held-out image metrics with the PointAvatar protocol (DESIGN.md, "Metrics").
+"""Held-out evaluation: protocols, regions, baselines and metrics (DESIGN.md, "Metrics"; issue
+"Honest evaluation").
 
-Ground truth is composited on white with the head mask; renders are compared as they come out of
-the renderer (white background). L1, PSNR (per image, then averaged, as PointAvatar's
-utils/metrics.py) and SSIM (11x11 Gaussian, sigma 1.5) come from torchmetrics and synchronise
-across DDP ranks. LPIPS needs pretrained AlexNet weights that cannot be downloaded here: it is
-reported as null (JSON) unless ``lpips_weights`` points at them on disk.
+Every figure is keyed ``<model>/<protocol>/<split>/<region>/<metric>`` (:func:`metric_key`):
+
+- model: ``baseline_mean``, ``baseline_nearest``, ``teacher``, ``student``, ``gar``,
+  ``gar_inverted``, ...;
+- protocol (:data:`PROTOCOLS`): ``tracked``, the headline: the frame is rendered from its tracked
+  expression code and camera, nothing looks at the scored image; ``refined``, PointAvatar's
+  evaluation protocol (its code/scripts/test.py), labelled: the frame's codes (expression and head
+  pose, and a GAR's z) are refined by a stated number of gradient steps against that very frame,
+  the model frozen (:func:`refine_codes`); the GAR's inversion (``gar_inverted``: the inverse
+  encoder, then steps) is such a row. A refined row is never a headline, a caption or a
+  selection metric;
+- split: ``val`` (selects checkpoints, sweeps and design choices) or ``test`` (the report only);
+- region (:data:`REGIONS`): ``full``, the model's render on white with its own silhouette against
+  the ground truth on white under its head mask (the headline); ``face``, both composited under
+  the ground-truth mask, so only appearance inside the head counts;
+- metric: ``l1``, ``psnr`` (per image, then averaged, as PointAvatar's utils/metrics.py), ``ssim``
+  (11x11 Gaussian, sigma 1.5) from torchmetrics (synchronised across DDP ranks), ``swd``
+  (:mod:`lightning_modules.swd`, GAR stage) and ``lpips``, which needs AlexNet weights that cannot
+  be downloaded here and is therefore JSON null.
+
+Baselines predict their own silhouette (:class:`Baselines`): ``baseline_mean`` is the mean of the
+training frames on white (the mean foreground colour composited with the mean training mask);
+``baseline_nearest`` is the training frame nearest in expression and head pose
+(:func:`nearest_training_frames`), its image and mask as they are. A model that does not beat
+``baseline_nearest`` has learned nothing beyond retrieving a training frame.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-__all__ = ["HeldOutMetrics", "baseline_mean_prediction", "composite_on_white"]
+__all__ = [
+    "BASELINES",
+    "PROTOCOLS",
+    "REGIONS",
+    "Baselines",
+    "HeldOutMetrics",
+    "RefinedCodes",
+    "composite_on_white",
+    "metric_key",
+    "nearest_training_frames",
+    "refine_codes",
+    "small_rotation",
+    "time_per_frame",
+    "multiply_adds",
+]
+
+#: Evaluation protocols, headline first.
+PROTOCOLS = ("tracked", "refined")
+#: Regions a frame is scored on, headline first.
+REGIONS = ("full", "face")
+#: The baselines every stage scores beside its models (tracked protocol).
+BASELINES = ("baseline_mean", "baseline_nearest")
+
+
+def metric_key(model: str, protocol: str, split: str, region: str, metric: str) -> str:
+    """The metrics.json key ``<model>/<protocol>/<split>/<region>/<metric>``.
+
+    Raises:
+        ValueError: an unknown protocol or region.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {list(PROTOCOLS)}")
+    if region not in REGIONS:
+        raise ValueError(f"unknown region {region!r}; known: {list(REGIONS)}")
+    return f"{model}/{protocol}/{split}/{region}/{metric}"
 
 
 def composite_on_white(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,18 +80,219 @@ def composite_on_white(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return image * mask + (1.0 - mask)
 
 
-def baseline_mean_prediction(trainer, batch) -> torch.Tensor | None:
-    """``baseline_mean``: the datamodule's mean training image under each frame's mask, on white.
+# -- baselines ---------------------------------------------------------------------------------------
+def nearest_training_frames(
+    train_expression: torch.Tensor,
+    train_world_mat: torch.Tensor,
+    expression: torch.Tensor,
+    world_mat: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training frame nearest to each query frame in expression and head pose.
+
+    Distance (each term divided by the training frames' spread of that quantity, so that none
+    dominates by its units)::
+
+        d^2 = |e - e'|^2 / var_e + |R - R'|_F^2 / var_R + |t - t'|^2 / var_t
+
+    with e the expression code, world_mat = [R | t] (world->camera: the head pose folded into the
+    camera), and var_x = the mean over training frames of |x - mean(x)|^2 (1 where that is 0, e.g.
+    a single training frame or a static camera).
+
+    Args:
+        train_expression: (F, E) float training expression codes.
+        train_world_mat: (F, 3, 4) float training cameras.
+        expression: (B, E) query codes.
+        world_mat: (B, 3, 4) query cameras.
 
     Returns:
-        (B, 3, H, W), or None when the datamodule has no ``mean_train_image()``.
+        (index (B,) int64 into the F training frames, distance d (B,) float32).
+
+    Raises:
+        ValueError: no training frame, or mismatched shapes.
     """
-    mean_fn = getattr(getattr(trainer, "datamodule", None), "mean_train_image", None)
-    if not callable(mean_fn):
-        return None
-    return composite_on_white(mean_fn().to(batch.image).expand_as(batch.image), batch.mask)
+    if train_expression.ndim != 2 or train_expression.shape[0] == 0:
+        raise ValueError(f"train_expression must be (F >= 1, E), got {tuple(train_expression.shape)}")
+    if expression.shape[-1] != train_expression.shape[-1]:
+        raise ValueError(f"expression has E = {expression.shape[-1]}, the training frames {train_expression.shape[-1]}")
+    if train_world_mat.shape[1:] != (3, 4) or world_mat.shape[1:] != (3, 4):
+        raise ValueError("world_mat must be (N, 3, 4)")
+    total = expression.new_zeros(expression.shape[0], train_expression.shape[0], dtype=torch.float32)
+    for train, query in (
+        (train_expression, expression),
+        (train_world_mat[:, :, :3].flatten(1), world_mat[:, :, :3].flatten(1)),
+        (train_world_mat[:, :, 3], world_mat[:, :, 3]),
+    ):
+        train, query = train.float(), query.float().to(train.device)
+        spread = (train - train.mean(0)).pow(2).sum(1).mean()
+        spread = spread if spread > 0 else spread.new_ones(())
+        total = total.to(train.device) + torch.cdist(query, train).pow(2) / spread  # (B, F)
+    distance, index = total.min(1)
+    return index, distance.sqrt()
 
 
+class Baselines(nn.Module):
+    """``baseline_mean`` and ``baseline_nearest`` from a subject's training frames (module docstring).
+
+    Args:
+        image: (F, 3, H, W) float in [0, 1], the training frames.
+        mask: (F, 1, H, W) float in {0, 1}, their head masks.
+        world_mat: (F, 3, 4) float, their cameras.
+        expression: (F, E) float, their tracked codes.
+
+    ``baseline_mean`` = c m + (1 - m) with m the mean training mask and c the mean foreground colour
+    (sum of image * mask over frames / sum of masks), i.e. the mean of the training frames on white:
+    the best constant prediction under the L2 loss, silhouette included.
+
+    Raises:
+        ValueError: no training frame or inconsistent shapes.
+    """
+
+    def __init__(self, image: torch.Tensor, mask: torch.Tensor, world_mat: torch.Tensor,
+                 expression: torch.Tensor) -> None:
+        super().__init__()
+        if image.ndim != 4 or image.shape[0] == 0 or mask.shape != (image.shape[0], 1, *image.shape[2:]):
+            raise ValueError(f"image (F, 3, H, W) and mask (F, 1, H, W) with F >= 1, got {tuple(image.shape)} "
+                             f"and {tuple(mask.shape)}")
+        on_white = composite_on_white(image.float(), mask.float())
+        self.register_buffer("mean_prediction", on_white.mean(0), persistent=False)  # (3, H, W)
+        self.register_buffer("frames_on_white", on_white, persistent=False)  # (F, 3, H, W)
+        self.register_buffer("world_mat", world_mat.float(), persistent=False)
+        self.register_buffer("expression", expression.float(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, expression: torch.Tensor, world_mat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predictions for B query frames from their tracked codes.
+
+        Returns:
+            {"baseline_mean": (B, 3, H, W), "baseline_nearest": (B, 3, H, W)} on white.
+        """
+        index, _ = nearest_training_frames(self.expression, self.world_mat, expression, world_mat)
+        mean = self.mean_prediction.expand(expression.shape[0], -1, -1, -1)
+        return {"baseline_mean": mean, "baseline_nearest": self.frames_on_white[index]}
+
+    @classmethod
+    def from_trainer(cls, trainer) -> Baselines | None:
+        """From ``trainer.datamodule.training_frames()`` (None when the datamodule has none)."""
+        frames_fn = getattr(getattr(trainer, "datamodule", None), "training_frames", None)
+        if not callable(frames_fn):
+            return None
+        frames = frames_fn()
+        return cls(frames["image"], frames["mask"], frames["world_mat"], frames["expression"])
+
+
+# -- the refined protocol --------------------------------------------------------------------------
+def small_rotation(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices exp([w]_x) of axis-angle vectors (B, 3) -> (B, 3, 3), differentiable at 0."""
+    zero = torch.zeros_like(rotvec[:, 0])
+    skew = torch.stack([
+        torch.stack([zero, -rotvec[:, 2], rotvec[:, 1]], -1),
+        torch.stack([rotvec[:, 2], zero, -rotvec[:, 0]], -1),
+        torch.stack([-rotvec[:, 1], rotvec[:, 0], zero], -1),
+    ], 1)  # (B, 3, 3)
+    return torch.linalg.matrix_exp(skew)
+
+
+class RefinedCodes:
+    """The result of :func:`refine_codes`: codes (B, E), cameras (B, 3, 4), extra code or None, the loss per step."""
+
+    def __init__(self, expression: torch.Tensor, world_mat: torch.Tensor, extra: torch.Tensor | None,
+                 losses: list[float]) -> None:
+        self.expression, self.world_mat, self.extra, self.losses = expression, world_mat, extra, losses
+
+
+def refine_codes(
+    render: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    expression: torch.Tensor,
+    world_mat: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    lr: float,
+    extra: torch.Tensor | None = None,
+) -> RefinedCodes:
+    """The ``refined`` protocol: a frame's codes fitted to that frame, the model frozen.
+
+    PointAvatar's evaluation (its code/scripts/test.py; REFERENCES.md) refines each test frame's
+    expression, pose and camera by Adam steps against the test image before scoring it. Here:
+    ``steps`` Adam steps (learning rate ``lr``) on the L1 between ``render``'s output and
+    ``target`` (the frame on white under its mask: silhouette included) over an expression offset,
+    a head-pose correction world_mat' = [exp([w]_x) R | exp([w]_x) t + dt] (rotation w, radians;
+    translation dt, world units, both in camera space) and, when given, an extra code (the GAR's
+    z). Gradients are taken with ``torch.autograd.grad`` w.r.t. these codes only, so no
+    parameter's value or ``.grad`` changes; runs in float32 outside inference mode.
+
+    Args:
+        render: (expression (B, E), world_mat (B, 3, 4), extra or None) -> (B, 3, H, W) render on white.
+        expression: (B, E) tracked codes (the start).
+        world_mat: (B, 3, 4) tracked cameras (the start).
+        target: (B, 3, H, W) the frames on white under their masks.
+        steps: Adam steps (0 returns the start).
+        lr: Adam learning rate, shared by all codes.
+        extra: (B, D) optional extra code, refined too (start).
+
+    Returns:
+        :class:`RefinedCodes` (detached), ``losses`` the L1 before each step and after the last.
+
+    Raises:
+        ValueError: negative ``steps`` or non-positive ``lr``.
+    """
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"refinement needs steps >= 0 and lr > 0, got {steps} and {lr}")
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(target.device.type, enabled=False):
+        target = target.detach().clone().float()
+        start_e, start_w = expression.detach().clone().float(), world_mat.detach().clone().float()
+        d_expr = torch.zeros_like(start_e, requires_grad=True)
+        d_rot = start_w.new_zeros(start_w.shape[0], 3, requires_grad=True)
+        d_trans = start_w.new_zeros(start_w.shape[0], 3, requires_grad=True)
+        codes = [d_expr, d_rot, d_trans]
+        code_extra = None
+        if extra is not None:
+            code_extra = extra.detach().clone().float().requires_grad_(True)
+            codes.append(code_extra)
+
+        def posed() -> tuple[torch.Tensor, torch.Tensor]:
+            rot = small_rotation(d_rot)  # (B, 3, 3)
+            wm = torch.cat([rot @ start_w[:, :, :3], (rot @ start_w[:, :, 3:]) + d_trans[:, :, None]], 2)
+            return start_e + d_expr, wm
+
+        losses: list[float] = []
+        optimizer = torch.optim.Adam(codes, lr=lr) if steps > 0 else None
+        for _ in range(steps):
+            e, wm = posed()
+            loss = (render(e, wm, code_extra) - target).abs().mean()
+            losses.append(float(loss))
+            grads = torch.autograd.grad(loss, codes)
+            for code, grad in zip(codes, grads):
+                code.grad = grad
+            optimizer.step()
+        with torch.no_grad():
+            e, wm = posed()
+            losses.append(float((render(e, wm, code_extra) - target).abs().mean()))
+    return RefinedCodes(e.detach(), wm.detach(), None if code_extra is None else code_extra.detach(), losses)
+
+
+def time_per_frame(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Milliseconds per call of ``fn`` (one frame): the mean of ``repeats`` calls after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def multiply_adds(fn: Callable[[], object]) -> int:
+    """Multiply-adds of one call of ``fn`` (forward and any backward inside it), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` at the dispatcher (its 2 flops per multiply-add
+    halved: one multiply-add = one flop, as fvcore counts). Matmuls and convolutions only: the
+    rasterizer and element-wise work count 0, as in every other FLOP figure of the report."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops()) // 2
+
+
+# -- metrics -----------------------------------------------------------------------------------------
 def _collection() -> MetricCollection:
     return MetricCollection(
         {
@@ -45,34 +304,96 @@ def _collection() -> MetricCollection:
 
 
 class HeldOutMetrics(nn.Module):
-    """L1 / PSNR / SSIM per model name, computed as ``<model>/<split>/<metric>`` keys.
+    """L1 / PSNR / SSIM (and SWD for chosen models) per (model, protocol, region).
 
     Args:
-        models: the model names that will be updated (e.g. ``("baseline_mean", "teacher")``).
+        rows: model -> the protocols it is scored under, e.g. ``{"teacher": ("tracked", "refined"),
+            "baseline_mean": ("tracked",)}``.
+        swd_models: models that also get SWD (:class:`~lightning_modules.swd.SlicedWasserstein`).
+
+    Raises:
+        ValueError: an unknown protocol.
     """
 
-    def __init__(self, models: tuple[str, ...]) -> None:
+    def __init__(self, rows: Mapping[str, Sequence[str]], swd_models: Sequence[str] = ()) -> None:
         super().__init__()
-        self.models = tuple(models)
-        self.collections = nn.ModuleDict({m: _collection() for m in self.models})
+        from lightning_modules.swd import SlicedWasserstein
+
+        for protocols in rows.values():
+            unknown = set(protocols) - set(PROTOCOLS)
+            if unknown:
+                raise ValueError(f"unknown protocol(s) {sorted(unknown)}; known: {list(PROTOCOLS)}")
+        self.rows = {model: tuple(protocols) for model, protocols in rows.items()}
+        names = [(m, p, r) for m, protocols in self.rows.items() for p in protocols for r in REGIONS]
+        self.collections = nn.ModuleDict({self._name(*n): _collection() for n in names})
+        self.swd = nn.ModuleDict({
+            self._name(*n): SlicedWasserstein(patches_per_image=64) for n in names if n[0] in swd_models
+        })
+        self._evaluated: set[tuple[str, str, str]] = set()  # (model, protocol, split) with metrics computed
+        self._baselines: tuple[object, Baselines | None] | None = None  # (datamodule, its baselines); not a submodule
+
+    @staticmethod
+    def _name(model: str, protocol: str, region: str) -> str:
+        return f"{model}__{protocol}__{region}"  # ModuleDict keys may not hold "." or "/"
+
+    def has(self, model: str, protocol: str = "tracked") -> bool:
+        """Whether ``model`` is scored under ``protocol``."""
+        return protocol in self.rows.get(model, ())
 
     @torch.no_grad()
-    def update(self, model: str, pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add a batch: ``pred`` (B, 3, H, W) render on white; ``image``/``mask`` the batch's frames."""
+    def update(self, model: str, protocol: str, pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch: ``pred`` (B, 3, H, W) render on white; ``image``/``mask`` the batch's frames.
+
+        Raises:
+            KeyError: a (model, protocol) not declared in ``rows``.
+        """
+        if not self.has(model, protocol):
+            raise KeyError(f"{model}/{protocol} is not an evaluated row; rows: {self.rows}")
         with torch.autocast(device_type=pred.device.type, enabled=False):  # float32 under mixed precision too
-            target = composite_on_white(image.float(), mask.float())
-            self.collections[model].update(pred.float().clamp(0, 1), target)
+            mask = mask.float()
+            target = composite_on_white(image.float(), mask)
+            pred = pred.float().clamp(0, 1)
+            for region, p in (("full", pred), ("face", composite_on_white(pred, mask))):
+                name = self._name(model, protocol, region)
+                self.collections[name].update(p, target)
+                if name in self.swd:
+                    self.swd[name].update(p, target)
+
+    @torch.no_grad()
+    def update_baselines(self, trainer, batch) -> None:
+        """Score the declared baselines (:data:`BASELINES`) on a batch, built once per datamodule from
+        its ``training_frames()`` (nothing when the datamodule has none)."""
+        wanted = [m for m in BASELINES if self.has(m)]
+        if not wanted:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        if self._baselines is None or self._baselines[0] is not datamodule:
+            self._baselines = (datamodule, Baselines.from_trainer(trainer))
+        baselines = self._baselines[1]
+        if baselines is None:
+            return
+        preds = baselines.to(batch.image.device)(batch.expression, batch.world_mat)
+        for model in wanted:
+            self.update(model, "tracked", preds[model], batch.image, batch.mask)
 
     def compute(self, split: str) -> dict[str, float]:
-        """The metrics of every model updated since the last reset, as flat metrics.json keys."""
+        """The metrics of every row updated since the last reset, as metrics.json keys (:func:`metric_key`)."""
         out = {}
-        for model, collection in self.collections.items():
+        for name, collection in self.collections.items():
             if not collection["l1"].update_called:
                 continue
-            for name, value in collection.compute().items():
-                out[f"{model}/{split}/{name}"] = float(value)
+            model, protocol, region = name.split("__")
+            for metric, value in collection.compute().items():
+                out[metric_key(model, protocol, split, region, metric)] = float(value)
+            if name in self.swd and self.swd[name].update_called:
+                out[metric_key(model, protocol, split, region, "swd")] = float(self.swd[name].compute())
+            self._evaluated.add((model, protocol, split))
         return out
 
+    def null_metrics(self) -> dict[str, None]:
+        """``lpips`` = null for every row computed so far (no AlexNet weights on disk)."""
+        return {metric_key(m, p, s, r, "lpips"): None for m, p, s in sorted(self._evaluated) for r in REGIONS}
+
     def reset(self) -> None:
-        for collection in self.collections.values():
-            collection.reset()
+        for metric in (*self.collections.values(), *self.swd.values()):
+            metric.reset()

@@ -1,21 +1,23 @@
-"""The demo report: one table of the runs' numbers (``report.md`` / ``report.json``) and a loss plot.
+"""The demo report: the runs' numbers as tables (``report.md`` / ``report.json``) and a loss plot.
 
-Every number comes from a run's ``metrics.json`` (DESIGN.md, "metrics.json (one schema)") or, for
-the training time, from the wall-clock time the pipeline measured around each fit; a value no run
-holds is ``null`` in JSON and "—" in Markdown, never a substitute. Rows are the models
-:data:`MODELS`, columns :data:`FIELDS`::
+Every number comes from a run's ``metrics.json`` (DESIGN.md, "metrics.json (one schema)";
+:mod:`lightning_modules.metrics` for the keys) or, for the training time, from the wall-clock time
+the pipeline measured around each fit; a value no run holds is ``null`` in JSON and "—" in
+Markdown, never a substitute. Rows are (model, protocol) pairs, :data:`ROWS`; the ``tracked`` rows
+are the headline, the ``refined`` rows (which look at the frame they score) are labelled and
+tabled apart. Per row::
 
-    field            metrics.json key           meaning
-    params           params/<model>             trainable parameters of the canonical network (GAR: G)
-    flops            flops/<model>              one canonical forward at N = 10,000 (fvcore, 1 MAC = 1 flop)
-    flops_per_frame  flops_per_frame/<model>    deformation + shading of one frame
-    ms_per_frame     ms_per_frame/<model>       deform + shade + rasterize one frame, milliseconds
-    training_time_s  (measured around the fit)  seconds of the stage's ``lightning fit``
-    l1, psnr, ssim, swd  <model>/test/<metric>  held-out frames, head mask, on white
+    field            metrics.json key                       meaning
+    params           params/<model>                         parameters of what the row runs (GAR: G; inverted: G + E)
+    flops            flops/<model>                          one canonical forward at N = 10,000 (fvcore, 1 MAC = 1 flop)
+    flops_per_frame  flops_per_frame/<model>/<protocol>     one frame on the row's path (rasterizer excluded)
+    ms_per_frame     ms_per_frame/<model>/<protocol>        one frame on the row's path, milliseconds
+    training_time_s  (measured around the fit)              seconds of the stage's ``lightning fit``
+    <split>/<region>/<metric>  <model>/<protocol>/<split>/<region>/<metric>   l1, psnr, ssim, swd
 
-plus ``params_ratio`` and ``flops_ratio`` (student / teacher) and ``num_points``. Each value is taken
-from the first run of :data:`RUN_ORDER` whose metrics.json holds it, and ``sources`` in the JSON
-names that run.
+plus ``params_ratio`` and ``flops_ratio`` (student / teacher), ``num_points`` and the split sizes.
+Each value is taken from the first run of :data:`RUN_ORDER` whose metrics.json holds it, and
+``sources`` in the JSON names that run.
 """
 
 from __future__ import annotations
@@ -30,41 +32,62 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "FIELDS",
-    "MODELS",
+    "COST_FIELDS",
+    "METRICS",
+    "ROWS",
     "RUN_ORDER",
     "build_report",
     "format_markdown",
     "plot_losses",
     "read_loss_curves",
     "read_metrics",
+    "row_id",
+    "verdicts",
     "write_report",
 ]
 
-#: Rows of the report, in order.
-MODELS = ("baseline_mean", "teacher", "student", "gar", "gar_meanz")
+#: Rows of the report, in order: (model, protocol). Tracked rows first (the headline).
+ROWS: tuple[tuple[str, str], ...] = (
+    ("baseline_mean", "tracked"),
+    ("baseline_nearest", "tracked"),
+    ("teacher", "tracked"),
+    ("student", "tracked"),
+    ("gar", "tracked"),
+    ("teacher", "refined"),
+    ("student", "refined"),
+    ("gar", "refined"),
+    ("gar_inverted", "refined"),
+)
 
-#: Columns of the report: field -> (metrics.json key template, Markdown header).
-FIELDS: dict[str, tuple[str | None, str]] = {
+#: Cost columns: field -> (metrics.json key template, Markdown header).
+COST_FIELDS: dict[str, tuple[str | None, str]] = {
     "params": ("params/{model}", "params"),
     "flops": ("flops/{model}", "FLOPs / forward (N = 10k)"),
-    "flops_per_frame": ("flops_per_frame/{model}", "FLOPs / frame"),
-    "ms_per_frame": ("ms_per_frame/{model}", "ms / frame"),
+    "flops_per_frame": ("flops_per_frame/{model}/{protocol}", "FLOPs / frame"),
+    "ms_per_frame": ("ms_per_frame/{model}/{protocol}", "ms / frame"),
     "training_time_s": (None, "training time"),
-    "l1": ("{model}/test/l1", "L1 ↓"),
-    "psnr": ("{model}/test/psnr", "PSNR ↑"),
-    "ssim": ("{model}/test/ssim", "SSIM ↑"),
-    "swd": ("{model}/test/swd", "SWD ↓"),
 }
 
-#: Where a value is looked up, first match wins: a model's own test run before the later stages'.
-RUN_ORDER = ("teacher_test", "distill_test", "gar_test", "distill_fit", "gar_fit", "teacher_fit")
+#: Quality metrics read for every split and region.
+METRICS = ("l1", "psnr", "ssim", "swd")
+SPLITS = ("val", "test")
+REGIONS = ("full", "face")
 
-#: Which fit's measured wall time is each model's training time (baseline_mean trains nothing).
-TRAINING_FIT = {"teacher": "teacher_fit", "student": "distill_fit", "gar": "gar_fit", "gar_meanz": "gar_fit"}
+#: Where a value is looked up, first match wins: a model's own evaluation runs (test, then the
+#: ``lightning validate`` of the selected checkpoint) before the later stages' and the fits'.
+RUN_ORDER = ("teacher_test", "distill_test", "gar_test", "teacher_val", "distill_val", "gar_val",
+             "distill_fit", "gar_fit", "teacher_fit")
+
+#: Which fit's measured wall time is each model's training time (baselines train nothing).
+TRAINING_FIT = {"teacher": "teacher_fit", "student": "distill_fit", "gar": "gar_fit", "gar_inverted": "gar_fit"}
 
 RATIOS = ("params_ratio", "flops_ratio")
 MISSING = "—"
+
+
+def row_id(model: str, protocol: str) -> str:
+    """``<model>/<protocol>``, the key of a row in ``report["rows"]``."""
+    return f"{model}/{protocol}"
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -91,15 +114,16 @@ def build_report(
     """Collect the report from run folders.
 
     Args:
-        runs: run label (from :data:`RUN_ORDER`: ``teacher_fit``, ``distill_test``, ...) -> run
-            folder; labels may be missing (their values are then null).
+        runs: run label (from :data:`RUN_ORDER`: ``teacher_fit``, ``distill_test``, ``gar_val``, ...)
+            -> run folder; labels may be missing (their values are then null).
         training_time_s: fit label (``teacher_fit``, ``distill_fit``, ``gar_fit``) -> seconds measured
             around that fit; a missing label is null.
-        extra: further top-level entries copied into the report (demo id, overrides, timings...).
+        extra: further top-level entries copied into the report (demo id, split sizes, timings...).
 
     Returns:
-        ``{"models": {model: {field: value | None}}, "ratios": {...}, "num_points": ...,
-        "sources": {model: {field: run label}}, "runs": {label: path}, **extra}``.
+        ``{"rows": {"<model>/<protocol>": {"model", "protocol", <cost field>: value | None,
+        "val"|"test": {"full"|"face": {metric: value | None}}}}, "ratios": {...}, "num_points": ...,
+        "sources": {row: {field: run label}}, "runs": {label: path}, **extra}``.
 
     Raises:
         ValueError: an unknown run label.
@@ -117,21 +141,31 @@ def build_report(
                 return values[key], label
         return None, None
 
-    models: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     sources: dict[str, dict[str, str]] = {}
-    for model in MODELS:
-        row: dict[str, Any] = {}
-        for field, (template, _) in FIELDS.items():
+    for model, protocol in ROWS:
+        rid = row_id(model, protocol)
+        row: dict[str, Any] = {"model": model, "protocol": protocol}
+        for field, (template, _) in COST_FIELDS.items():
             if template is None:  # training time: measured around the stage's fit
                 label = TRAINING_FIT.get(model)
                 value = times.get(label) if label else None
                 value = float(value) if _finite(value) else None
             else:
-                value, label = lookup(template.format(model=model))
+                value, label = lookup(template.format(model=model, protocol=protocol))
             row[field] = value
             if value is not None and label is not None:
-                sources.setdefault(model, {})[field] = label
-        models[model] = row
+                sources.setdefault(rid, {})[field] = label
+        for split in SPLITS:
+            row[split] = {}
+            for region in REGIONS:
+                row[split][region] = {}
+                for metric in METRICS:
+                    value, label = lookup(f"{model}/{protocol}/{split}/{region}/{metric}")
+                    row[split][region][metric] = value
+                    if label is not None:
+                        sources.setdefault(rid, {})[f"{split}/{region}/{metric}"] = label
+        rows[rid] = row
     ratios = {}
     for key in RATIOS:
         ratios[key], label = lookup(key)
@@ -139,13 +173,42 @@ def build_report(
             sources.setdefault("ratios", {})[key] = label
     num_points, _ = lookup("num_points")
     return {
-        "models": models,
+        "rows": rows,
         "ratios": ratios,
         "num_points": num_points,
         "sources": sources,
         "runs": {label: str(path) for label, path in runs.items()},
         **dict(extra or {}),
     }
+
+
+def verdicts(report: Mapping[str, Any], split: str = "test", region: str = "full") -> list[str]:
+    """One sentence per trained model (tracked): does its PSNR beat both baselines on ``split``/``region``?
+
+    A model that does not beat ``baseline_nearest`` has learned nothing beyond retrieving the
+    training frame nearest in expression and pose.
+    """
+    rows = report["rows"]
+
+    def psnr(model: str) -> float | None:
+        row = rows.get(row_id(model, "tracked"))
+        return None if row is None else row[split][region]["psnr"]
+
+    nearest, mean = psnr("baseline_nearest"), psnr("baseline_mean")
+    lines = []
+    for model in ("teacher", "student", "gar"):
+        value = psnr(model)
+        if value is None or nearest is None or mean is None:
+            continue
+        beaten = [name for name, b in (("baseline_nearest", nearest), ("baseline_mean", mean)) if value > b]
+        missed = [f"{name} ({b:.2f})" for name, b in (("baseline_nearest", nearest), ("baseline_mean", mean))
+                  if value <= b]
+        if not missed:
+            lines.append(f"{model} ({value:.2f} dB) beats both baselines.")
+        else:
+            lines.append(f"{model} ({value:.2f} dB) does NOT beat {' or '.join(missed)}"
+                         + (f"; it beats {beaten[0]}." if beaten else "."))
+    return lines
 
 
 # -- Markdown ---------------------------------------------------------------------------------------
@@ -167,7 +230,7 @@ _FORMATS = {
     "params": lambda v: f"{int(v):,}",
     "flops": _si,
     "flops_per_frame": _si,
-    "ms_per_frame": lambda v: f"{v:.2f}",
+    "ms_per_frame": lambda v: f"{v:.2f}" if v < 1000 else _duration(v / 1000),
     "training_time_s": _duration,
     "l1": lambda v: f"{v:.4f}",
     "psnr": lambda v: f"{v:.2f}",
@@ -180,37 +243,88 @@ def _cell(field: str, value: Any) -> str:
     return MISSING if value is None else _FORMATS[field](value)
 
 
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _quality_cells(row: Mapping[str, Any], split: str, region: str, metrics: tuple[str, ...]) -> list[str]:
+    return [_cell(m, row[split][region][m]) for m in metrics]
+
+
 def format_markdown(report: Mapping[str, Any], title: str = "avatar-compress demo") -> str:
-    """The report as Markdown: one table (a row per model), the ratios, the run folders.
+    """The report as Markdown (module docstring): the headline table (tracked, test, full), every
+    row on val and test in both regions, the refined rows apart, verdicts against the baselines,
+    the ratios, the split sizes, the deployment table when present, the run folders.
 
     Args:
-        report: as returned by :func:`build_report`.
+        report: as returned by :func:`build_report` (plus optional ``description``, ``splits``,
+            ``deploy`` entries).
         title: the first heading.
     """
+    rows = report["rows"]
+    tracked = [r for r in rows.values() if r["protocol"] == "tracked"]
+    refined = [r for r in rows.values() if r["protocol"] == "refined"]
     lines = [f"# {title}", ""]
     if report.get("description"):
         lines += [str(report["description"]), ""]
-    headers = ["model", *(header for _, header in FIELDS.values())]
-    lines.append("| " + " | ".join(headers) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * len(FIELDS)) + "|")
-    for model, row in report["models"].items():
-        lines.append("| " + " | ".join([model, *(_cell(f, row.get(f)) for f in FIELDS)]) + " |")
-    lines.append("")
+    lines += ["## Test frames, tracked codes (nothing looks at the scored frame)", ""]
+    cost_headers = [header for _, header in COST_FIELDS.values()]
+    lines += _table(
+        ["model", *cost_headers, "L1 ↓", "PSNR ↑", "SSIM ↑", "SWD ↓"],
+        [[r["model"], *(_cell(f, r[f]) for f in COST_FIELDS), *_quality_cells(r, "test", "full", METRICS)]
+         for r in tracked],
+    )
+    lines += ["", "Region `full`: each model's render on white with its own silhouette against the ground truth on "
+              "white under its head mask. The baselines predict their own silhouette too.", ""]
+    lines += [f"- {line}" for line in verdicts(report)]
+    lines += ["", "## Every row: val and test, regions full and face", ""]
+    headers, body = ["model", "protocol"], []
+    for split in SPLITS:
+        for region in REGIONS:
+            headers += [f"{split} {region} PSNR", f"{split} {region} SSIM"]
+    headers.append("test full SWD")
+    for r in rows.values():
+        cells = [r["model"], r["protocol"]]
+        for split in SPLITS:
+            for region in REGIONS:
+                cells += _quality_cells(r, split, region, ("psnr", "ssim"))
+        cells.append(_cell("swd", r["test"]["full"]["swd"]))
+        body.append(cells)
+    lines += _table(headers, body)
+    lines += ["", "Region `face`: render and ground truth both composited under the ground-truth mask (appearance "
+              "alone). Val selects checkpoints and design choices; test is read for this report only.", ""]
+    lines += ["## Refined protocol (looks at each scored frame: never a headline)", ""]
+    lines += _table(
+        ["model", "params", "FLOPs / frame", "ms / frame", "test L1", "test PSNR", "test SSIM", "test SWD"],
+        [[r["model"], _cell("params", r["params"]), _cell("flops_per_frame", r["flops_per_frame"]),
+          _cell("ms_per_frame", r["ms_per_frame"]), *_quality_cells(r, "test", "full", METRICS)] for r in refined],
+    )
+    lines += ["", "Each frame's expression and head pose (and the GAR's z) are refined by gradient steps against "
+              "that frame with the model frozen (PointAvatar's evaluation protocol); `gar_inverted` starts from the "
+              "inverse encoder's output. Their per-frame cost is that of the whole refinement.", ""]
     ratio_text = []
     for key, value in report["ratios"].items():
         if value is None:
             ratio_text.append(f"{key} = {MISSING}")
         else:
             ratio_text.append(f"{key} = {value:.4f}" + (f" (1/{1 / value:.1f})" if value > 0 else ""))
-    lines.append("Student / teacher: " + ", ".join(ratio_text) + ".")
+    lines.append("Student / teacher: " + ", ".join(ratio_text) + ". The ratios compare the canonical networks "
+                 "(parameters; one canonical forward): what a device runs once per avatar, not per frame.")
     if report.get("num_points") is not None:
         lines.append(f"Canonical points: {int(report['num_points']):,}.")
+    if report.get("splits"):
+        sizes = report["splits"]
+        lines.append("Frames: " + ", ".join(f"{k} {sizes[k]}" for k in ("train", "val", "test") if k in sizes)
+                     + " (disjoint; test = the last frames of the clip).")
     lines += [
         "",
-        "Held-out test frames, head mask, on white. FLOPs: fvcore, one multiply-add = one flop; per forward "
-        "= one canonical forward at N = 10,000 points; per frame = deformation + shading. Training time: "
-        f"wall clock of the stage's `lightning fit`. {MISSING}: no run measured it.",
+        "FLOPs: one multiply-add = one flop; per forward = one canonical forward at N = 10,000 points (fvcore); per "
+        "frame = the row's per-frame path without the rasterizer. LPIPS: null (no AlexNet weights on disk). "
+        f"Training time: wall clock of the stage's `lightning fit`. {MISSING}: no run measured it.",
     ]
+    if report.get("deploy"):
+        lines += ["", "## Deployment (`python -m benchmarks.deploy`)", "", str(report["deploy"]).rstrip()]
     if report.get("runs"):
         lines += ["", "Runs:", ""]
         lines += [f"- {label}: `{path}`" for label, path in report["runs"].items()]

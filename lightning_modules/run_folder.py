@@ -5,7 +5,7 @@ Every ``fit``/``test``/``validate``/``predict`` run gets its own folder ``<runs_
 
     <run>/config.yaml            resolved config, run-location keys stored as null (replay -> new run)
     <run>/checkpoints/last.ckpt  (+ best.ckpt when the stage monitors a metric)
-    <run>/metrics.json           flat keys <model>/<split>/<metric>, params/<model>, num_points, ...
+    <run>/metrics.json           flat keys <model>/<protocol>/<split>/<region>/<metric>, params/<model>, ...
     <run>/renders/               grids and videos
     <run>/csv/metrics.csv        CSVLogger (always); <run>/wandb/ when a WandbLogger is configured
 
@@ -47,8 +47,12 @@ __all__ = [
 #: Environment variable through which rank 0 hands the resolved run folder to the other ranks.
 RUN_DIR_ENV = "AVATAR_RUN_DIR"
 
-_MODEL_SPLIT_METRIC = re.compile(r"^[a-z][a-z0-9_]*/(val|test)/[a-z][a-z0-9_]*$")
-_COUNT_KEY = re.compile(r"^(params|flops|flops_run|flops_per_frame|ms_per_frame)/[a-z][a-z0-9_]*$")
+#: <model>/<protocol>/<split>/<region>/<metric> (lightning_modules.metrics.metric_key)
+_MODEL_SPLIT_METRIC = re.compile(r"^[a-z][a-z0-9_]*/(tracked|refined)/(val|test)/(full|face)/[a-z][a-z0-9_]*$")
+#: params/flops/flops_run per model; per-frame costs per model and protocol
+_COUNT_KEY = re.compile(
+    r"^((params|flops|flops_run)/[a-z][a-z0-9_]*|(flops_per_frame|ms_per_frame)/[a-z][a-z0-9_]*/(tracked|refined))$"
+)
 _SCALAR_KEYS = {"num_points", "params_ratio", "flops_ratio"}
 
 
@@ -252,7 +256,7 @@ class RunFolder(pl.Callback):
         """Merge ``metrics`` (flat schema keys) into what metrics.json will hold."""
         for key, value in metrics.items():
             if not is_metric_key(key):
-                raise ValueError(f"{key!r} is not a metrics.json key (<model>/<split>/<metric>, params/<model>, ...)")
+                raise ValueError(f"{key!r} is not a metrics.json key (<model>/<protocol>/<split>/<region>/<metric>, params/<model>, ...)")
             self.metrics[key] = _jsonable(value)
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.metrics import HeldOutMetrics, baseline_mean_prediction, composite_on_white
+from lightning_modules.metrics import HeldOutMetrics, composite_on_white, multiply_adds, refine_codes, time_per_frame
 from models.camera import pixel_radius
 from models.losses import blendshape_regularization, eikonal_loss, mask_loss, masked_l1, ssim_loss
 from models.rasterizer import PointRasterizer, RasterOutput
@@ -44,7 +44,9 @@ def check_finite_losses(terms: dict[str, torch.Tensor], step: int) -> None:
 
 
 class TeacherModule(pl.LightningModule):
-    """Trains the teacher avatar; validation/test write ``teacher/*`` and ``baseline_mean/*`` metrics.
+    """Trains the teacher avatar; validation/test write ``teacher/*`` and the baselines' metrics
+    (:mod:`lightning_modules.metrics`: ``tracked`` rows always, the ``refined`` row in ``lightning
+    validate``/``test`` runs).
 
     Args:
         expression_dim, image_size: from the datamodule (linked by the CLI).
@@ -58,10 +60,12 @@ class TeacherModule(pl.LightningModule):
         loss_weights: {rgb, mask, ssim, eikonal, blendshape}; 0 switches a term off.
         lr, points_lr: Adam learning rates of the MLPs and of the point coordinates.
         lr_milestones, lr_gamma: MultiStepLR over epochs (PointAvatar: [40, 60] x 0.5).
+        refine_steps, refine_lr: the ``refined`` protocol (:func:`~lightning_modules.metrics.refine_codes`),
+            run by ``lightning validate``/``test`` (not inside a fit); 0 steps: no refined row.
     """
 
     stage = "teacher"
-    monitor = "teacher/val/psnr"
+    monitor = "teacher/tracked/val/full/psnr"
     monitor_mode = "max"
 
     def __init__(
@@ -87,6 +91,8 @@ class TeacherModule(pl.LightningModule):
         points_lr: float = 1e-4,
         lr_milestones: tuple[int, ...] = (40, 60),
         lr_gamma: float = 0.5,
+        refine_steps: int = 20,
+        refine_lr: float = 5e-3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,13 +115,16 @@ class TeacherModule(pl.LightningModule):
             shading_width=shading_width,
         )
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
-        self.metrics = HeldOutMetrics(("teacher", "baseline_mean"))
+        if refine_steps < 0 or not refine_lr > 0:
+            raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {refine_steps} and {refine_lr}")
+        self.metrics = HeldOutMetrics({"teacher": ("tracked", "refined"), "baseline_mean": ("tracked",),
+                                       "baseline_nearest": ("tracked",)})
         self.register_buffer("visibility", torch.zeros(max_points), persistent=False)
         # each rank accumulates its own frames' visibility (summed over ranks before pruning): DDP
         # must not overwrite it with rank 0's, as it does module buffers at every forward
         self._ddp_params_and_buffers_to_ignore = ["visibility"]
         self._eval_canonical: CanonicalOutput | None = None
-        self._evaluated_splits: set[str] = set()
+        self._frame_cost: dict[str, float] = {}
         self._visibility_batches = 0  # training batches accumulated into `visibility` this epoch
 
     # -- rendering -------------------------------------------------------------------------------
@@ -172,21 +181,58 @@ class TeacherModule(pl.LightningModule):
             self.teacher.reset_optimizer_rows(optimizer, self.teacher.grow(generator))
 
     # -- evaluation ------------------------------------------------------------------------------
+    def _render_codes(self, batch, canonical: CanonicalOutput):
+        """(expression, world_mat, extra) -> the teacher's render (B, 3, H, W) of ``batch``'s frames."""
+        def render(expression, world_mat, extra=None):
+            out = self.teacher(expression, world_mat, canonical=canonical)
+            radius = pixel_radius(out["points"], world_mat, batch.K, out["radius"])
+            return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=radius).image[:, :3]
+        return render
+
+    def _refine(self) -> bool:
+        """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
+        return self.hparams.refine_steps > 0 and self.trainer.state.fn != "fit"
+
     def _eval_step(self, batch, split: str) -> None:
         if self._eval_canonical is None:  # per subject: once per evaluation epoch
             self._eval_canonical = self.teacher.canonical(method="explicit")
         _, raster = self.render(batch, canonical=self._eval_canonical)
-        self.metrics.update("teacher", raster.image[:, :3], batch.image, batch.mask)
-        baseline = baseline_mean_prediction(self.trainer, batch)
-        if baseline is not None:
-            self.metrics.update("baseline_mean", baseline, batch.image, batch.mask)
+        self.metrics.update("teacher", "tracked", raster.image[:, :3], batch.image, batch.mask)
+        self.metrics.update_baselines(self.trainer, batch)
+        if self._refine():
+            render = self._render_codes(batch, self._eval_canonical)
+            target = composite_on_white(batch.image, batch.mask)
+            hp = self.hparams
+            refined = refine_codes(render, batch.expression, batch.world_mat, target, hp.refine_steps, hp.refine_lr)
+            with torch.no_grad():
+                self.metrics.update("teacher", "refined", render(refined.expression, refined.world_mat),
+                                    batch.image, batch.mask)
 
     def _eval_epoch_end(self, split: str) -> None:
-        self.log_dict(self.metrics.compute(split))
+        if not self.trainer.sanity_checking:
+            self.log_dict(self.metrics.compute(split))
         self.metrics.reset()
         self._eval_canonical = None
-        if not self.trainer.sanity_checking:
-            self._evaluated_splits.add(split)
+
+    @torch.no_grad()
+    def _time_frames(self, batch) -> None:
+        """``ms_per_frame/teacher/{tracked,refined}`` (and ``flops_per_frame/teacher/refined``: the
+        refinement's forward and backward passes, :func:`~lightning_modules.metrics.multiply_adds`): one
+        frame's per-frame path, canonical outputs cached."""
+        one = batch.head(1)
+        canonical = self._eval_canonical or self.teacher.canonical(method="explicit")
+        self._frame_cost["ms_per_frame/teacher/tracked"] = time_per_frame(lambda: self.render(one, canonical))
+        if self._refine():
+            render = self._render_codes(one, canonical)
+            target = composite_on_white(one.image, one.mask)
+            hp = self.hparams
+
+            def refined():
+                codes = refine_codes(render, one.expression, one.world_mat, target, hp.refine_steps, hp.refine_lr)
+                return render(codes.expression, codes.world_mat)
+
+            self._frame_cost["ms_per_frame/teacher/refined"] = time_per_frame(refined, repeats=1)
+            self._frame_cost["flops_per_frame/teacher/refined"] = multiply_adds(refined)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -196,6 +242,8 @@ class TeacherModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test")
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self._time_frames(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -218,13 +266,12 @@ class TeacherModule(pl.LightningModule):
 
     def run_metrics(self) -> dict[str, float | int | None]:
         """Counts for metrics.json; LPIPS is null (no pretrained AlexNet weights on disk)."""
-        metrics: dict[str, float | int | None] = {
+        return {
             "params/teacher": sum(p.numel() for p in self.teacher.canonical_network_parameters()),
             "num_points": self.teacher.num_active,
+            **self._frame_cost,
+            **self.metrics.null_metrics(),
         }
-        for split in self._evaluated_splits:
-            metrics[f"teacher/{split}/lpips"] = None
-        return metrics
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
