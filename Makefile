@@ -1,4 +1,4 @@
-# Targets: install, test, test-slow, test-all, smoke, bench, lint, demo.
+# Targets: install, test, test-slow, test-all, smoke, bench, lint, demo, eval.
 PYTHON        ?= python
 PIP           := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -9,7 +9,7 @@ WHEEL_CACHE   ?= $(HOME)/.cache/avatar-compress/wheels-torch$(TORCH_VERSION)
 FIND_LINKS    := --find-links $(WHEEL_CACHE) $(if $(wildcard $(SHARED_WHEELS)/*.whl),--find-links $(SHARED_WHEELS))
 PYTEST        ?= $(PYTHON) -m pytest
 
-.PHONY: install test test-slow test-all smoke bench lint demo
+.PHONY: install test test-slow test-all smoke bench lint demo eval
 
 install:
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja "setuptools>=68" wheel
@@ -48,3 +48,8 @@ lint:
 # then runs/demo/report.{md,json}, runs/demo/comparison.mp4 and runs/demo/losses.png.
 demo: install
 	$(PYTHON) -m lightning_modules.demo
+
+# The demo pipeline on carphone and (when ../shared holds it) akiyo: runs/eval/eval.{md,json}, one
+# table per subject and their mean; each subject's own report in runs/eval/<subject>/.
+eval: install
+	$(PYTHON) -m benchmarks.evaluate

@@ -7,8 +7,10 @@ Run from the checkout root after ``make demo`` (or any teacher fit)::
 RUN defaults to ``runs/teacher/latest``, else the demo's ``runs/demo/teacher/latest``. The run's
 ``last.ckpt`` renders every frame of the split as the test step does (cached canonical outputs,
 render on white) and is scored against the frame under its head mask on white, the metric's
-protocol. Reported, for the teacher and for ``baseline_mean`` (the mean training image under each
-frame's mask):
+protocol. Reported, for the teacher and for the two baselines of the report
+(:class:`lightning_modules.metrics.Baselines`: ``baseline_mean``, the mean training frame on white
+with the mean training mask; ``baseline_nearest``, the training frame nearest in expression and
+pose, with its own mask):
 
 - PSNR as the metrics compute it (mean over frames of the per-frame PSNR);
 - ``psnr_gt_mask``: the same with the render composited on white under the ground-truth mask,
@@ -95,19 +97,23 @@ def load_teacher_run(run: Path):
 
 @torch.no_grad()
 def evaluate(module, datamodule, split: str) -> dict:
-    """:func:`error_decomposition` of the teacher and of ``baseline_mean`` over a split's frames."""
-    from lightning_modules.metrics import composite_on_white
+    """:func:`error_decomposition` of the teacher and of both baselines over a split's frames."""
+    from lightning_modules.metrics import Baselines, nearest_training_frames
 
     loader = getattr(datamodule, f"{split}_dataloader")()
     dataset = loader.dataset  # every frame of the split, in order (the training loader shuffles)
     batch = loader.collate_fn([dataset[i] for i in range(len(dataset))])
     canonical = module.teacher.canonical(method="explicit")
     _, raster = module.render(batch, canonical=canonical)
-    baseline = composite_on_white(datamodule.mean_train_image().expand_as(batch.image), batch.mask)
+    train = datamodule.training_frames()
+    baselines = Baselines(train["image"], train["mask"], train["world_mat"], train["expression"])(
+        batch.expression, batch.world_mat)
+    nearest, _ = nearest_training_frames(train["expression"], train["world_mat"], batch.expression, batch.world_mat)
+    alphas = {"baseline_mean": train["mask"].mean(0).expand_as(batch.mask), "baseline_nearest": train["mask"][nearest]}
     return {
         "frames": len(batch),
         "teacher": error_decomposition(raster.image[:, :3], raster.alpha, batch.image, batch.mask),
-        "baseline_mean": error_decomposition(baseline, batch.mask, batch.image, batch.mask),
+        **{name: error_decomposition(baselines[name], alphas[name], batch.image, batch.mask) for name in alphas},
     }
 
 
@@ -124,11 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "`lightning fit --config experiments/teacher.yaml` first, or pass --run")
     module, datamodule = load_teacher_run(run)
     result = {"run": str(run), "split": args.split, **evaluate(module, datamodule, args.split)}
-    t, b = result["teacher"], result["baseline_mean"]
+    t = result["teacher"]
     print(f"\nteacher run {run}, {args.split} split ({result['frames']} frames)")
-    print(f"  {'':14s} {'PSNR':>7s} {'GT-mask PSNR':>13s} {'MSE outside':>12s} {'band':>9s} {'interior':>9s}")
-    for name, r in (("teacher", t), ("baseline_mean", b)):
-        print(f"  {name:14s} {r['psnr']:7.2f} {r['psnr_gt_mask']:13.2f} {r['mse_outside']:12.5f} "
+    print(f"  {'':16s} {'PSNR':>7s} {'GT-mask PSNR':>13s} {'MSE outside':>12s} {'band':>9s} {'interior':>9s}")
+    for name in ("teacher", "baseline_mean", "baseline_nearest"):
+        r = result[name]
+        print(f"  {name:16s} {r['psnr']:7.2f} {r['psnr_gt_mask']:13.2f} {r['mse_outside']:12.5f} "
               f"{r['mse_band']:9.5f} {r['mse_interior']:9.5f}")
     print(f"  teacher per frame PSNR : {t['frame_psnr']}")
     print(f"  ... with the GT mask   : {t['frame_psnr_gt_mask']}")

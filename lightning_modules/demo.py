@@ -11,15 +11,18 @@ Steps, each shown with its command and its time:
    tracking; skipped when the dataset exists, and with ``--overrides tiny``, whose head is generated);
 2. ``lightning fit`` teacher -> distill -> GAR, each ``experiments/<stage>.yaml`` stacked with
    ``experiments/overrides/cpu_demo_<stage>.yaml`` (or ``tiny_mesh.yaml``), the upstream
-   checkpoint passed explicitly (``model.init_args.teacher_ckpt`` / ``student_ckpt``);
-3. ``lightning test`` of each stage's ``last.ckpt``;
-4. ``comparison.mp4`` (ground truth | teacher | student | gar over the test frames, rendered from
-   the checkpoints), ``losses.png`` (the three fits' training losses) and ``report.md`` /
+   checkpoint passed explicitly (``model.init_args.teacher_ckpt`` / ``student_ckpt``): each stage's
+   selected checkpoint, ``best.ckpt`` (chosen on the val frames) where the fit wrote one, else ``last.ckpt``;
+3. ``lightning validate`` and ``lightning test`` of each stage's selected checkpoint (val and test
+   figures, both protocols, both regions; :mod:`lightning_modules.metrics`);
+4. ``comparison.mp4`` (ground truth | teacher | student | gar over the test frames, every panel
+   rendered from the tracked codes: nothing looks at the frame), ``losses.png`` (the three fits'
+   training losses), the deployment table (:mod:`lightning_modules.deploy`) and ``report.md`` /
    ``report.json`` (:mod:`lightning_modules.report`).
 
 Run folders follow DESIGN.md "Run folders" with ``--runs_root OUT``: one demo with id ``ID`` (its
 start time) makes ``OUT/<stage>/ID/`` (fit; ``OUT/<stage>/latest`` points at it) and
-``OUT/<stage>/ID-test/`` (test), so earlier demos' runs are never overwritten; the report files in
+``OUT/<stage>/ID-val/`` and ``OUT/<stage>/ID-test/`` (validate, test), so earlier demos' runs are never overwritten; the report files in
 OUT are those of the latest demo and name the run folders they were built from. Every stage runs in
 its own ``python -m lightning_modules.cli`` process (``--in-process``: in this process, faster to
 start, used by the tests). W&B is disabled for the demo's runs unless ``WANDB_MODE`` is set.
@@ -54,6 +57,8 @@ __all__ = [
     "override_files",
     "render_comparison",
     "run_demo",
+    "schedule_args",
+    "selected_checkpoint",
     "stage_args",
 ]
 
@@ -105,12 +110,12 @@ def stage_args(
     """Arguments of the ``lightning`` CLI for one demo run (without the program name).
 
     Args:
-        subcommand: ``fit`` or ``test``.
+        subcommand: ``fit``, ``validate`` or ``test``.
         stage: one of :data:`STAGES`.
         overrides: a key of :data:`OVERRIDES`.
         runs_root, run_name: the run lands in ``<runs_root>/<stage>/<run_name>/``.
         upstream_ckpt: the upstream checkpoint (distill: the teacher's; gar: the student's).
-        ckpt_path: the checkpoint a ``test`` evaluates.
+        ckpt_path: the checkpoint a ``validate``/``test`` evaluates.
         video: the video the datamodule prepares (None: the default clip).
     """
     args = [subcommand, "--config", str(EXPERIMENTS / f"{stage}.yaml")]
@@ -207,10 +212,11 @@ def render_comparison(
 ) -> tuple[Path, int]:
     """Render ground truth | teacher | student | gar over the datamodule's test frames into a video.
 
-    The modules are loaded from their checkpoints on the CPU: the teacher
-    (:class:`~lightning_modules.teacher.TeacherModule`, its rasterized colours) and the GAR
-    (:class:`~lightning_modules.gar.GARModule`, which holds the frozen student: its rasterized
-    colours, and the EMA generator with z and expression from the inverse encoder). Frames are
+    Every panel is the ``tracked`` protocol: rendered from the frame's tracked expression and
+    camera, nothing looks at the frame. The modules are loaded from their checkpoints on the CPU:
+    the teacher (:class:`~lightning_modules.teacher.TeacherModule`, its rasterized colours) and the
+    GAR (:class:`~lightning_modules.gar.GARModule`, which holds the frozen student: its rasterized
+    colours, and the EMA generator with z = the mean training z). Frames are
     composed by :func:`~lightning_modules.callbacks.to_uint8_grid`, enlarged ``scale`` times
     (nearest), topped by a label strip and written by :func:`~lightning_modules.callbacks.write_video`.
 
@@ -248,7 +254,7 @@ def render_comparison(
     frames: list[np.ndarray] = []
     for batch in datamodule.test_dataloader():
         _, t_raster = teacher.render(batch, canonical=canonical)
-        renders = gar.render_all(batch)
+        renders = gar.render_all(batch)  # tracked rows only
         columns = [composite_on_white(batch.image, batch.mask), t_raster.image[:, :3], renders["student"],
                    renders["gar"]]
         grid = to_uint8_grid(columns)  # (B*S, 4*S, 3)
@@ -264,12 +270,47 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
 
 
-def _prepare(video: str | None) -> Path:
-    from datamodules.avatar import AvatarDataModule
+def _prepare(video: str | None) -> tuple[Path, int]:
+    """Prepare the video's dataset (once); returns its folder and its number of training frames."""
+    from datamodules.avatar import AvatarDataModule, read_dataset
+    from datamodules.prepare import split_counts
 
     datamodule = AvatarDataModule(video=video)  # data_root "data", as experiments/*.yaml
     datamodule.prepare_data()
-    return datamodule.dataset_dir
+    frames = len(read_dataset(datamodule.dataset_dir).frame_numbers)
+    return datamodule.dataset_dir, split_counts(frames, datamodule.test_fraction, datamodule.val_fraction)[0]
+
+
+#: Training frames the CPU demo's epoch schedules are written for (carphone: 84 of 120).
+REFERENCE_TRAIN_FRAMES = 84
+
+
+def schedule_args(stage: str, overrides: str, train_frames: int | None) -> list[str]:
+    """Flags that keep a longer clip's CPU demo within the demo's time: its epoch-based schedule
+    (``max_epochs``, validation interval, learning-rate milestones, the teacher's growth interval)
+    scaled by ``REFERENCE_TRAIN_FRAMES / train_frames``, each at least 1, so every stage takes about
+    as many optimizer steps as on the default clip. Nothing for ``tiny``, for a clip no longer than
+    the reference, or without a frame count.
+    """
+    if overrides != "cpu_demo" or not train_frames or train_frames <= REFERENCE_TRAIN_FRAMES:
+        return []
+    scale = REFERENCE_TRAIN_FRAMES / train_frames
+    config = yaml.safe_load(override_files(stage, overrides)[0].read_text()) or {}
+    trainer = config.get("trainer") or {}
+    model = ((config.get("model") or {}).get("init_args")) or {}
+
+    def scaled(value: int) -> int:
+        return max(1, round(value * scale))
+
+    args = []
+    for key in ("max_epochs", "check_val_every_n_epoch"):
+        if trainer.get(key):
+            args.append(f"--trainer.{key}={scaled(trainer[key])}")
+    if model.get("grow_every_epochs"):
+        args.append(f"--model.init_args.grow_every_epochs={scaled(model['grow_every_epochs'])}")
+    if model.get("lr_milestones"):
+        args.append(f"--model.init_args.lr_milestones=[{', '.join(str(scaled(m)) for m in model['lr_milestones'])}]")
+    return args
 
 
 def run_demo(
@@ -311,7 +352,7 @@ def run_demo(
     demo_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = _run_in_process if in_process else _run_subprocess
     timings: dict[str, float] = {}
-    total_steps = 9 if overrides != "tiny" else 8
+    total_steps = 12 if overrides != "tiny" else 11
     step = 0
     start_all = time.perf_counter()
 
@@ -328,63 +369,94 @@ def run_demo(
     if overrides != "tiny":
         start = announce(f"prepare {video or 'the default carphone clip'} (MediaPipe tracking, once)")
         try:
-            dataset = _prepare(video)
+            dataset, train_frames = _prepare(video)
         except (OSError, ValueError, ModuleNotFoundError) as err:
             raise DemoError(f"prepare failed: {type(err).__name__}: {err}") from err
-        done("prepare", start, str(dataset))
+        done("prepare", start, f"{dataset} ({train_frames} training frames)")
+    else:
+        train_frames = None
 
     fit_dirs: dict[str, Path] = {}
+    selected: dict[str, Path] = {}
     for stage in STAGES:
         upstream = UPSTREAM.get(stage)
-        upstream_ckpt = fit_dirs[upstream[0]] / "checkpoints" / "last.ckpt" if upstream else None
+        upstream_ckpt = selected[upstream[0]] if upstream else None
         args = stage_args("fit", stage, overrides, out, demo_id, upstream_ckpt=upstream_ckpt, video=video)
+        args += schedule_args(stage, overrides, train_frames)
         start = announce(f"{stage} fit: lightning {shlex.join(args)}")
         run(args)
         fit_dirs[stage] = out / stage / demo_id
-        done(f"{stage}_fit", start, str(fit_dirs[stage]))
+        selected[stage] = selected_checkpoint(fit_dirs[stage])
+        done(f"{stage}_fit", start, f"{fit_dirs[stage]} (selected on val: {selected[stage].name})")
 
-    test_dirs: dict[str, Path] = {}
+    eval_dirs: dict[str, Path] = {}
     for stage in STAGES:
         upstream = UPSTREAM.get(stage)
-        upstream_ckpt = fit_dirs[upstream[0]] / "checkpoints" / "last.ckpt" if upstream else None
-        args = stage_args("test", stage, overrides, out, f"{demo_id}-test", upstream_ckpt=upstream_ckpt,
-                          ckpt_path=fit_dirs[stage] / "checkpoints" / "last.ckpt", video=video)
-        start = announce(f"{stage} test: lightning {shlex.join(args)}")
-        run(args)
-        test_dirs[stage] = out / stage / f"{demo_id}-test"
-        done(f"{stage}_test", start, str(test_dirs[stage]))
+        upstream_ckpt = selected[upstream[0]] if upstream else None
+        for subcommand, suffix in (("validate", "val"), ("test", "test")):
+            args = stage_args(subcommand, stage, overrides, out, f"{demo_id}-{suffix}", upstream_ckpt=upstream_ckpt,
+                              ckpt_path=selected[stage], video=video)
+            start = announce(f"{stage} {subcommand}: lightning {shlex.join(args)}")
+            run(args)
+            eval_dirs[f"{stage}_{suffix}"] = out / stage / f"{demo_id}-{suffix}"
+            done(f"{stage}_{suffix}", start, str(eval_dirs[f"{stage}_{suffix}"]))
 
-    start = announce("comparison video (ground truth | teacher | student | gar) and loss plot")
-    ckpts = {stage: fit_dirs[stage] / "checkpoints" / "last.ckpt" for stage in STAGES}
+    start = announce("comparison video (ground truth | teacher | student | gar, tracked), loss plot, deployment")
+    datamodule = datamodule_from_config(fit_dirs["gar"] / "config.yaml")
     comparison, num_frames = render_comparison(
-        ckpts["teacher"], ckpts["distill"], ckpts["gar"], datamodule_from_config(fit_dirs["gar"] / "config.yaml"),
+        selected["teacher"], selected["distill"], selected["gar"], datamodule,
         out / "comparison.mp4", fps=fps, scale=scale,
     )
     loss_plot = plot_losses({stage: fit_dirs[stage] for stage in STAGES}, out / "losses.png")
-    done("render", start, f"{comparison} ({num_frames} frames), {loss_plot}")
+    from lightning_modules.deploy import deployment_table, format_deployment_markdown
+
+    deploy_dir = out / "deploy" / demo_id
+    deploy = deployment_table(selected["teacher"], selected["distill"], selected["gar"], deploy_dir)
+    done("render", start, f"{comparison} ({num_frames} frames), {loss_plot}, {deploy_dir}")
 
     start = announce("report")
     timings["total"] = time.perf_counter() - start_all
     runs = {f"{stage}_fit": path for stage, path in fit_dirs.items()}
-    runs.update({f"{stage}_test": path for stage, path in test_dirs.items()})
+    runs.update(eval_dirs)
     report = build_report(
         runs,
         training_time_s={f"{s}_fit": timings[f"{s}_fit"] for s in STAGES},
         extra={
             "description": f"Demo `{demo_id}` on {Path(video).name if video else 'the default carphone clip'}, "
-                           f"overrides `{overrides}`; total time {_duration(timings['total'])}.",
+                           f"overrides `{overrides}`; total time {_duration(timings['total'])}. Checkpoints "
+                           "selected on val: " + ", ".join(f"{s} `{selected[s].name}`" for s in STAGES) + ".",
             "demo_id": demo_id,
             "overrides": overrides,
             "video": video,
+            "splits": datamodule.split_sizes(),
+            "schedule_args": {stage: schedule_args(stage, overrides, train_frames) for stage in STAGES},
+            "selected_checkpoints": {stage: str(path) for stage, path in selected.items()},
             "timings_s": timings,
-            "comparison": {"path": comparison.name, "frames": num_frames, "panels": list(PANELS)},
+            "comparison": {"path": comparison.name, "frames": num_frames, "panels": list(PANELS),
+                           "protocol": "tracked"},
             "loss_plot": loss_plot.name,
+            "deployment": deploy,
+            "deploy": format_deployment_markdown(deploy),
         },
     )
     md, js = write_report(report, out)
     log(format_markdown(report))
     log(f"<== demo done in {_duration(timings['total'])}: {md}, {js}, {comparison}, {loss_plot}")
     return report
+
+
+def selected_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint a fit selected on its val frames: ``checkpoints/best.ckpt`` where the stage
+    monitors a val metric and validation ran, else ``checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: the run folder holds neither.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder} holds no best.ckpt or last.ckpt: the fit did not finish")
 
 
 def _parser() -> argparse.ArgumentParser:

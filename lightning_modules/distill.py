@@ -315,25 +315,25 @@ class DistillModule(pl.LightningModule):
         return loss
 
     # -- evaluation --------------------------------------------------------------------------------
-    def _render_codes(self, batch, canonical: StudentCanonical):
-        """(expression, world_mat, extra) -> the student's render (B, 3, H, W) of ``batch``'s frames."""
-        def render(expression, world_mat, extra=None):
-            out = self.student(expression, world_mat, canonical=canonical)
-            r_px = pixel_radius(out["points"], world_mat, batch.K, self.student.radius)
-            return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=r_px).image[:, :3]
-        return render
+    def _render_codes(self, expression, world_mat, extra, batch, canonical: StudentCanonical) -> torch.Tensor:
+        """The student's render (B, 3, H, W) of ``batch``'s frames posed by ``expression`` and ``world_mat``
+        (:func:`~lightning_modules.metrics.refine_codes`' ``render``; ``extra`` unused)."""
+        out = self.student(expression, world_mat, canonical=canonical)
+        r_px = pixel_radius(out["points"], world_mat, batch.K, self.student.radius)
+        return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=r_px).image[:, :3]
 
     def _refine(self) -> bool:
         """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
         return self.hparams.refine_steps > 0 and self.trainer.state.fn != "fit"
 
     def _refined_render(self, batch, canonical: StudentCanonical) -> torch.Tensor:
-        render = self._render_codes(batch, canonical)
+        """The ``refined`` protocol's render of ``batch`` (codes refined against its frames, student frozen)."""
         hp = self.hparams
-        codes = refine_codes(render, batch.expression, batch.world_mat, composite_on_white(batch.image, batch.mask),
-                             hp.refine_steps, hp.refine_lr)
+        codes = refine_codes(self._render_codes, batch.expression, batch.world_mat,
+                             composite_on_white(batch.image, batch.mask), hp.refine_steps, hp.refine_lr,
+                             inputs=(batch, canonical))
         with torch.no_grad():
-            return render(codes.expression, codes.world_mat)
+            return self._render_codes(codes.expression, codes.world_mat, None, batch, canonical)
 
     def _eval_step(self, batch) -> None:
         if self._eval_student is None:  # per subject: once per evaluation epoch

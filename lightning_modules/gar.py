@@ -399,22 +399,21 @@ class GARModule(pl.LightningModule):
         z, expression = self.invert(batch)
         return self.generate(self.generator_ema, self.raster_inputs(batch, expression), z)
 
-    def _render_codes(self, batch):
-        """(expression, world_mat, z) -> the EMA generator's render (B, 3, H, W) of ``batch``'s frames."""
-        def render(expression, world_mat, z):
-            posed = dataclasses.replace(batch, world_mat=world_mat)
-            return self.generate(self.generator_ema, self.raster_inputs(posed, expression), z)
-        return render
+    def _render_codes(self, expression, world_mat, z, batch) -> torch.Tensor:
+        """The EMA generator's render (B, 3, H, W) of ``batch``'s frames posed by ``expression`` and
+        ``world_mat`` with ``z`` (:func:`~lightning_modules.metrics.refine_codes`' ``render``)."""
+        posed = dataclasses.replace(batch, world_mat=world_mat)
+        return self.generate(self.generator_ema, self.raster_inputs(posed, expression), z)
 
     @torch.no_grad()
     def render_refined(self, batch) -> torch.Tensor:
         """The ``gar/refined`` row: expression, head pose and z refined against the frame from the
         tracked codes and the mean z (:func:`~lightning_modules.metrics.refine_codes`), (B, 3, H, W)."""
-        render = self._render_codes(batch)
         hp = self.hparams
-        codes = refine_codes(render, batch.expression, batch.world_mat, composite_on_white(batch.image, batch.mask),
-                             hp.refine_steps, hp.refine_lr, extra=self.z_mean.expand(len(batch), -1))
-        return render(codes.expression, codes.world_mat, codes.extra)
+        codes = refine_codes(self._render_codes, batch.expression, batch.world_mat,
+                             composite_on_white(batch.image, batch.mask), hp.refine_steps, hp.refine_lr,
+                             extra=self.z_mean.expand(len(batch), -1), inputs=(batch,))
+        return self._render_codes(codes.expression, codes.world_mat, codes.extra, batch)
 
     def _refine(self) -> bool:
         """The refined rows run in ``lightning validate``/``test`` only: never inside a fit (selection)."""

@@ -30,6 +30,7 @@ training frames on white (the mean foreground colour composited with the mean tr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -200,14 +201,31 @@ class RefinedCodes:
         self.expression, self.world_mat, self.extra, self.losses = expression, world_mat, extra, losses
 
 
+def _clone_tree(value):
+    """Clones of the tensors in a tensor / dataclass / NamedTuple / tuple / dict (other values as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _clone_tree(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_clone_tree(v) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_clone_tree(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    return value
+
+
 def refine_codes(
-    render: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    render: Callable[..., torch.Tensor],
     expression: torch.Tensor,
     world_mat: torch.Tensor,
     target: torch.Tensor,
     steps: int,
     lr: float,
     extra: torch.Tensor | None = None,
+    inputs: tuple = (),
 ) -> RefinedCodes:
     """The ``refined`` protocol: a frame's codes fitted to that frame, the model frozen.
 
@@ -221,13 +239,17 @@ def refine_codes(
     parameter's value or ``.grad`` changes; runs in float32 outside inference mode.
 
     Args:
-        render: (expression (B, E), world_mat (B, 3, 4), extra or None) -> (B, 3, H, W) render on white.
+        render: (expression (B, E), world_mat (B, 3, 4), extra or None, *inputs) -> (B, 3, H, W)
+            render on white.
         expression: (B, E) tracked codes (the start).
         world_mat: (B, 3, 4) tracked cameras (the start).
         target: (B, 3, H, W) the frames on white under their masks.
         steps: Adam steps (0 returns the start).
         lr: Adam learning rate, shared by all codes.
         extra: (B, D) optional extra code, refined too (start).
+        inputs: further arguments of ``render`` (the batch, cached canonical outputs...), passed as
+            clones made outside inference mode, so tensors Lightning's evaluation made in
+            inference mode can take part in the backward passes.
 
     Returns:
         :class:`RefinedCodes` (detached), ``losses`` the L1 before each step and after the last.
@@ -239,6 +261,7 @@ def refine_codes(
         raise ValueError(f"refinement needs steps >= 0 and lr > 0, got {steps} and {lr}")
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(target.device.type, enabled=False):
         target = target.detach().clone().float()
+        inputs = _clone_tree(tuple(inputs))
         start_e, start_w = expression.detach().clone().float(), world_mat.detach().clone().float()
         d_expr = torch.zeros_like(start_e, requires_grad=True)
         d_rot = start_w.new_zeros(start_w.shape[0], 3, requires_grad=True)
@@ -258,15 +281,15 @@ def refine_codes(
         optimizer = torch.optim.Adam(codes, lr=lr) if steps > 0 else None
         for _ in range(steps):
             e, wm = posed()
-            loss = (render(e, wm, code_extra) - target).abs().mean()
+            loss = (render(e, wm, code_extra, *inputs) - target).abs().mean()
             losses.append(float(loss))
-            grads = torch.autograd.grad(loss, codes)
+            grads = torch.autograd.grad(loss, codes, allow_unused=True)
             for code, grad in zip(codes, grads):
-                code.grad = grad
+                code.grad = torch.zeros_like(code) if grad is None else grad
             optimizer.step()
         with torch.no_grad():
             e, wm = posed()
-            losses.append(float((render(e, wm, code_extra) - target).abs().mean()))
+            losses.append(float((render(e, wm, code_extra, *inputs) - target).abs().mean()))
     return RefinedCodes(e.detach(), wm.detach(), None if code_extra is None else code_extra.detach(), losses)
 
 
@@ -280,16 +303,33 @@ def time_per_frame(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def multiply_adds(fn: Callable[[], object]) -> int:
-    """Multiply-adds of one call of ``fn`` (forward and any backward inside it), counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` at the dispatcher (its 2 flops per multiply-add
-    halved: one multiply-add = one flop, as fvcore counts). Matmuls and convolutions only: the
-    rasterizer and element-wise work count 0, as in every other FLOP figure of the report."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Multiply-adds of one call of ``fn`` (forward passes and any backward pass inside it).
 
-    counter = FlopCounterMode(display=False)
+    Every operator dispatched while ``fn`` runs is counted by the formulas of
+    ``torch.utils.flop_counter`` (matmuls, convolutions, attention: 2 flops per multiply-add,
+    halved here, so one multiply-add = one flop as fvcore counts); everything else counts 0, so the
+    rasterizer and element-wise work are left out as in every other FLOP figure of the report.
+    A plain dispatch mode rather than ``FlopCounterMode``, whose module tracker stops on
+    ``torch.autograd.grad`` of a leaf (the refined protocol's gradient steps).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    counter = _Counter()
     with counter:
         fn()
-    return int(counter.get_total_flops()) // 2
+    return counter.total // 2
 
 
 # -- metrics -----------------------------------------------------------------------------------------

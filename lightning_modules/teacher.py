@@ -181,13 +181,21 @@ class TeacherModule(pl.LightningModule):
             self.teacher.reset_optimizer_rows(optimizer, self.teacher.grow(generator))
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _render_codes(self, batch, canonical: CanonicalOutput):
-        """(expression, world_mat, extra) -> the teacher's render (B, 3, H, W) of ``batch``'s frames."""
-        def render(expression, world_mat, extra=None):
-            out = self.teacher(expression, world_mat, canonical=canonical)
-            radius = pixel_radius(out["points"], world_mat, batch.K, out["radius"])
-            return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=radius).image[:, :3]
-        return render
+    def _render_codes(self, expression, world_mat, extra, batch, canonical: CanonicalOutput) -> torch.Tensor:
+        """The teacher's render (B, 3, H, W) of ``batch``'s frames posed by ``expression`` and ``world_mat``
+        (:func:`~lightning_modules.metrics.refine_codes`' ``render``; ``extra`` unused)."""
+        out = self.teacher(expression, world_mat, canonical=canonical)
+        radius = pixel_radius(out["points"], world_mat, batch.K, out["radius"])
+        return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=radius).image[:, :3]
+
+    def _refined_render(self, batch, canonical: CanonicalOutput) -> torch.Tensor:
+        """The ``refined`` protocol's render of ``batch`` (codes refined against its frames, teacher frozen)."""
+        hp = self.hparams
+        codes = refine_codes(self._render_codes, batch.expression, batch.world_mat,
+                             composite_on_white(batch.image, batch.mask), hp.refine_steps, hp.refine_lr,
+                             inputs=(batch, canonical))
+        with torch.no_grad():
+            return self._render_codes(codes.expression, codes.world_mat, None, batch, canonical)
 
     def _refine(self) -> bool:
         """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
@@ -200,13 +208,8 @@ class TeacherModule(pl.LightningModule):
         self.metrics.update("teacher", "tracked", raster.image[:, :3], batch.image, batch.mask)
         self.metrics.update_baselines(self.trainer, batch)
         if self._refine():
-            render = self._render_codes(batch, self._eval_canonical)
-            target = composite_on_white(batch.image, batch.mask)
-            hp = self.hparams
-            refined = refine_codes(render, batch.expression, batch.world_mat, target, hp.refine_steps, hp.refine_lr)
-            with torch.no_grad():
-                self.metrics.update("teacher", "refined", render(refined.expression, refined.world_mat),
-                                    batch.image, batch.mask)
+            self.metrics.update("teacher", "refined", self._refined_render(batch, self._eval_canonical),
+                                batch.image, batch.mask)
 
     def _eval_epoch_end(self, split: str) -> None:
         if not self.trainer.sanity_checking:
@@ -223,13 +226,8 @@ class TeacherModule(pl.LightningModule):
         canonical = self._eval_canonical or self.teacher.canonical(method="explicit")
         self._frame_cost["ms_per_frame/teacher/tracked"] = time_per_frame(lambda: self.render(one, canonical))
         if self._refine():
-            render = self._render_codes(one, canonical)
-            target = composite_on_white(one.image, one.mask)
-            hp = self.hparams
-
             def refined():
-                codes = refine_codes(render, one.expression, one.world_mat, target, hp.refine_steps, hp.refine_lr)
-                return render(codes.expression, codes.world_mat)
+                return self._refined_render(one, canonical)
 
             self._frame_cost["ms_per_frame/teacher/refined"] = time_per_frame(refined, repeats=1)
             self._frame_cost["flops_per_frame/teacher/refined"] = multiply_adds(refined)

@@ -57,15 +57,16 @@ def carphone_dm(data_root) -> AvatarDataModule:
 def test_split_batches_and_intrinsics(carphone_dm):
     dm = carphone_dm
     assert dm.dataset_dir.name == "carphone"
-    assert dm.train_frame_indices == list(range(96))
-    assert dm.test_frame_indices == list(range(96, 120)) and dm.val_frame_indices == dm.test_frame_indices
+    assert dm.train_frame_indices == list(range(84))
+    assert dm.val_frame_indices == list(range(84, 96)) and dm.test_frame_indices == list(range(96, 120))
+    assert dm.split_sizes() == {"train": 84, "val": 12, "test": 24}
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, AvatarBatch) and len(batch) == 8
     assert batch.image.shape == (8, 3, 128, 128) and batch.image.dtype == torch.float32
     assert 0.0 <= batch.image.min() and batch.image.max() <= 1.0
     assert batch.mask.shape == (8, 1, 128, 128) and set(batch.mask.unique().tolist()) <= {0.0, 1.0}
     assert batch.world_mat.shape == (8, 3, 4) and batch.expression.shape == (8, 16)
-    assert batch.frame_index.dtype == torch.int64 and set(batch.frame_index.tolist()) <= set(range(96))
+    assert batch.frame_index.dtype == torch.int64 and set(batch.frame_index.tolist()) <= set(range(84))
     record = dm.record
     rows = batch.frame_index.numpy()  # frame number = row (nothing dropped)
     assert torch.equal(batch.world_mat, torch.from_numpy(record.world_mats[rows]).float())
@@ -122,22 +123,29 @@ def test_crop_resize_keeps_a_landmark_on_its_image_feature(carphone_dm):
         assert np.abs(centroid - uv).max() < 0.02 * size / 64, (size, centroid, uv)
 
 
-def test_mean_train_image(carphone_dm):
+def test_training_frames_are_the_training_split(carphone_dm):
     dm = carphone_dm
-    mean = dm.mean_train_image()
-    manual = dm.train_set.images.numpy().astype(np.float64).mean(0) / 255.0  # (3, S, S), the 96 training frames
-    assert len(dm.train_set.images) == 96
-    assert mean.shape == (3, 128, 128) and np.abs(mean.numpy() - manual).max() < 1e-6
+    frames = dm.training_frames()
+    assert frames["image"].shape == (84, 3, 128, 128) and frames["mask"].shape == (84, 1, 128, 128)
+    assert np.abs(frames["image"][5].numpy() - dm.train_set[5]["image"].numpy()).max() == 0
+    torch.testing.assert_close(frames["world_mat"], dm.train_set.world_mats)
+    torch.testing.assert_close(frames["expression"][:, 0], torch.from_numpy(dm.record.expressions[:84, 0]).float())
 
 
 def test_split_that_overlaps_the_pca_fit_frames_is_an_error(carphone_dm, data_root):
     with pytest.raises(ValueError, match="expression PCA was fitted on them"):
         AvatarDataModule(data_root=str(data_root), test_fraction=0.3).setup()
+    with pytest.raises(ValueError, match="expression PCA was fitted on them .* val_mode=block"):
+        AvatarDataModule(data_root=str(data_root), val_mode="interleaved").setup()
     with pytest.raises(ValueError, match="expression PCA was fitted on them"):
-        AvatarDataModule(data_root=str(data_root), val_fraction=0.1).setup()
-    dm = AvatarDataModule(data_root=str(data_root), test_fraction=0.1, val_every=3)  # subset: fine
+        AvatarDataModule(data_root=str(data_root), val_fraction=0.2).setup()
+    dm = AvatarDataModule(data_root=str(data_root), test_fraction=0.1, val_every=3)  # held-out subset: fine
     dm.setup()
-    assert dm.test_frame_indices == list(range(108, 120)) and dm.val_frame_indices == list(range(108, 120, 3))
+    assert dm.test_frame_indices == list(range(108, 120)) and dm.val_frame_indices == list(range(96, 108, 3))
+    with pytest.warns(UserWarning, match="val_fraction=0: no validation frames"):
+        dm = AvatarDataModule(data_root=str(data_root), val_fraction=0.0)  # an older run's config still loads
+    dm.setup()
+    assert dm.val_frame_indices == [] and dm.test_frame_indices == list(range(96, 120))
 
 
 def test_existing_dataset_decides_expression_dim(carphone_dm, data_root):
@@ -170,8 +178,8 @@ def test_second_real_video(tmp_path, shared_data, data_root):
     meta = dm.record.meta
     assert meta["image_size"] == ([288, 352] if video else [144, 176])
     assert meta["kept_frames"] == 30 and meta["dropped_frames"] == []
-    assert len(dm.train_set) == 24 and dm.test_frame_indices == list(range(24, 30))
-    batch = next(iter(dm.val_dataloader()))
+    assert len(dm.train_set) == 21 and dm.val_frame_indices == [21, 22, 23] and dm.test_frame_indices == list(range(24, 30))
+    batch = next(iter(dm.test_dataloader()))
     assert batch.image.shape == (4, 3, 96, 96) and batch.expression.shape == (4, 16)
     # the head is in the crop: the mask covers a good part of it, not all of it
     assert 0.15 < batch.mask.mean() < 0.9
@@ -183,12 +191,13 @@ def test_second_real_video(tmp_path, shared_data, data_root):
 
 def test_a_video_driving_its_own_avatar_gets_its_own_codes(carphone_dm):
     """Driving carphone by itself: its own cameras and canonical face are refitted over all 120
-    frames (not only the 96 training ones), so the codes match the stored ones, centred, closely."""
+    frames (not only the 84 training ones the stored codes' canonical face was fitted on), so the
+    codes match the stored ones, centred, closely (within 0.3 standard deviations)."""
     codes, _ = driving_expression_codes(carphone_dm.dataset_dir, carphone_dm.dataset_dir)
     stored = carphone_dm.record.expressions - carphone_dm.record.expressions.mean(0)
     for k in range(4):
         assert np.corrcoef(codes[:, k], stored[:, k])[0, 1] > 0.99
-        assert np.abs(codes[:, k] - stored[:, k]).max() < 0.25 * stored[:, k].std()
+        assert np.abs(codes[:, k] - stored[:, k]).max() < 0.3 * stored[:, k].std()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +315,7 @@ def test_imavatar_folder_is_read_and_served(tmp_path):
     dm.setup()
     # crop: the mask box [10, 8, 22, 24) -> side 16 centred at (16, 16) -> x0 = 8, y0 = 8
     assert dm.crop_box == (8, 8, 16)
-    assert dm.train_frame_indices == [1, 2, 3, 4] and dm.test_frame_indices == [5]
+    assert dm.train_frame_indices == [1, 2, 3] and dm.val_frame_indices == [4] and dm.test_frame_indices == [5]
     batch = next(iter(dm.train_dataloader()))
     assert batch.expression.shape == (2, 62) and batch.frame_index.tolist() == [1, 2]
     img = np.array(Image.open(tmp_path / "subject" / "image" / "1.png"))
@@ -324,3 +333,57 @@ def test_square_crop_box_rules():
     assert square_crop_box([0, 0, 30, 20], 30, 20, margin=0.0) == (0, -5, 30)  # too tall: centred, padded
     out = crop_and_resize(torch.ones(1, 20, 30), (0, -5, 30), 30)
     assert out[0, :5].sum() == 0 and out[0, 5:25].min() == 1 and out[0, 25:].sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# every shipped config: train, val and test disjoint
+# ------------------------------------------------------------------------------------------------
+
+
+def _shipped_data_configs() -> list[tuple[str, dict]]:
+    """(name, data section) of every experiment config as it is run: alone and with its overrides."""
+    import yaml
+
+    from tests.conftest import EXPERIMENTS
+
+    def data(path):
+        return (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+
+    def merged(*paths):
+        out: dict = {}
+        for path in paths:
+            section = data(path)
+            if "class_path" in section and section["class_path"] != out.get("class_path"):
+                out = {"class_path": section["class_path"], "init_args": {}}
+            out.setdefault("init_args", {}).update(section.get("init_args") or {})
+        return out
+
+    configs = []
+    for stage in ("teacher", "distill", "gar"):
+        base = EXPERIMENTS / f"{stage}.yaml"
+        configs.append((stage, merged(base)))
+        configs.append((f"{stage}+cpu_demo", merged(base, EXPERIMENTS / "overrides" / f"cpu_demo_{stage}.yaml")))
+        configs.append((f"{stage}+tiny_mesh", merged(base, EXPERIMENTS / "overrides" / "tiny_mesh.yaml")))
+    return configs
+
+
+@pytest.mark.parametrize("name,data", _shipped_data_configs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_shipped_config_keeps_train_val_and_test_disjoint(name, data, data_root):
+    import importlib
+
+    module_name, _, class_name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    args = dict(data["init_args"])
+    if cls is AvatarDataModule:
+        args.update(data_root=str(data_root), image_size=32)  # the shared prepared carphone, small
+        dm = cls(**args)
+        dm.setup()
+        train, val, test = (set(getattr(dm, f"{s}_frame_indices")) for s in ("train", "val", "test"))
+        numbers = dm.record.frame_numbers.tolist()
+        assert sorted(test) == numbers[-len(test):]  # test: the last frames of the clip
+        assert not set(dm.record.pca_fit_frames) & (val | test)  # the expression PCA never saw them
+    else:
+        dm = cls(**args)
+        train, val, test = (set(dm.split_indices(s)) for s in ("train", "val", "test"))
+    assert train and val and test, name
+    assert not (train & val) and not (train & test) and not (val & test), name

@@ -54,7 +54,9 @@ def test_batches_splits_and_the_face_in_view_zero():
     # view 0 faces the tiny head's red lips (below the image centre): red dominates a pixel there
     mouth = frames["image"][0, :, 19:23, 14:18].mean((1, 2))
     assert mouth[0] > mouth[1] + 0.1 and mouth[0] > mouth[2] + 0.1
-    assert dm.mean_train_image().shape == (3, 32, 32)
+    train = dm.training_frames()
+    assert train["image"].shape == (4, 3, 32, 32) and torch.equal(train["image"][1], frames["image"][2])
+    assert dm.split_sizes() == {"train": 4, "val": 2, "test": 2}
 
 
 def test_loads_a_real_scan(fran_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from datamodules import tracking
-from datamodules.prepare import JSON_NAME, main, prepare, rotation_to_axis_angle, split_counts
+from datamodules.prepare import JSON_NAME, main, prepare, rotation_to_axis_angle, split_counts, split_indices
 from datamodules.video import default_video_path, probe_video, read_video
 from models.camera import camera_to_world, project, world_to_camera
 
@@ -96,7 +96,9 @@ def test_carphone_layout_and_all_frames_kept(carphone, carphone_data):
     # intrinsics from a 20 degree horizontal field of view: f = 88 / tan(10 deg) = 499.06 px
     f = 88.0 / math.tan(math.radians(10.0))
     assert np.allclose(data["intrinsics"], [f / 176, f / 144, 0.5, 0.5], atol=1e-12)
-    assert data["meta"]["pca_fit_frames"] == list(range(96))  # last 20 % (24 frames) never fitted
+    assert data["meta"]["pca_fit_frames"] == list(range(84))  # val (12) and test (the last 24) never fitted
+    assert data["meta"]["split"] == {"test_fraction": 0.2, "val_fraction": 0.1, "val_mode": "block",
+                                     "train": 84, "val": 12, "test": 24}
     basis = data["expression_basis"]
     assert np.asarray(basis["components"]).shape == (16, 478 * 3)
     assert np.asarray(basis["canonical"]).shape == (478, 3)
@@ -151,7 +153,7 @@ def test_test_frames_reproject_through_pca_within_half_a_pixel(carphone_data):
     assert errors.mean() < 0.5
     # the training codes are centred (the PCA mean is the training mean), the test codes are not fitted
     codes = np.asarray([f["expression"] for f in data["frames"]])
-    assert np.abs(codes[:96].mean(0)).max() < 1e-9
+    assert np.abs(codes[:84].mean(0)).max() < 1e-9
     assert np.abs(codes[96:].mean(0)).max() > 1e-4
 
 
@@ -280,11 +282,27 @@ def test_rotation_to_axis_angle_matches_scipy_including_near_pi():
 def test_split_counts():
     assert split_counts(120, 0.2, 0.0) == (96, 0, 24)
     assert split_counts(40, 0.2, 0.1) == (28, 4, 8)
-    assert split_counts(10, 0.2) == (8, 0, 2)
+    assert split_counts(10, 0.2) == (7, 1, 2)
     with pytest.raises(ValueError, match="test_fraction"):
         split_counts(10, 1.0)
     with pytest.raises(ValueError, match="no training frame"):
         split_counts(2, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("n", [10, 17, 120, 300])
+def test_split_indices_are_disjoint_and_test_is_the_last_block(n):
+    for mode in ("block", "interleaved"):
+        train, val, test = split_indices(n, 0.2, 0.1, mode)
+        assert len(set(train) | set(val) | set(test)) == n == len(train) + len(val) + len(test)
+        assert list(test) == list(range(n - len(test), n))  # the last frames of the clip
+        assert (len(train), len(val), len(test)) == split_counts(n, 0.2, 0.1)
+        if mode == "block":
+            assert list(val) == list(range(len(train), n - len(test)))  # just before test
+    # interleaved: 120 frames, 12 val spread over the 96 before test, one in every 8 (positions 4, 12, ...)
+    _, val, _ = split_indices(120, 0.2, 0.1, "interleaved")
+    assert val.tolist() == list(range(4, 96, 8))
+    with pytest.raises(ValueError, match="val_mode"):
+        split_indices(120, 0.2, 0.1, "random")
 
 
 def test_head_region_hull_and_chin_cut():
@@ -373,8 +391,8 @@ def test_lost_frames_are_dropped_and_listed(tmp_path, carphone_frames):
     numbers = [int(Path(f["file_path"]).name) for f in data["frames"]]
     assert numbers == [n for n in range(20) if n not in (5, 6, 7)]
     assert not (out / "image" / "6.png").exists()
-    # split by kept frames: 17 kept -> round(3.4) = 3 test, 14 fitted
-    assert data["meta"]["pca_fit_frames"] == numbers[:14]
+    # split by kept frames: 17 kept -> round(3.4) = 3 test, round(1.7) = 2 val, 12 fitted
+    assert data["meta"]["pca_fit_frames"] == numbers[:12]
 
 
 def test_too_few_frames_with_a_face(tmp_path, carphone_frames):
@@ -388,7 +406,7 @@ def test_too_few_frames_with_a_face(tmp_path, carphone_frames):
 
 def test_too_few_training_frames_for_the_pca(tmp_path, carphone_frames):
     video = write_video(tmp_path / "short.mp4", carphone_frames[:12])
-    with pytest.raises(ValueError, match="only 10 training frames for an expression PCA of dimension 16"):
+    with pytest.raises(ValueError, match="only 9 training frames for an expression PCA of dimension 16"):
         prepare(video, tmp_path / "short", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.mp4"]
 

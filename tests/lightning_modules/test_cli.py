@@ -62,7 +62,7 @@ def test_fit_writes_a_complete_run_folder_and_nothing_else(workdir):
     assert (folder / "csv" / "metrics.csv").is_file()
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["params/toy"] == sum(p.numel() for p in cli.model.parameters())
-    assert 0 < metrics["toy/val/l1"] < 1
+    assert 0 < metrics["toy/tracked/val/full/l1"] < 1
     assert (cwd / "runs" / "toy" / "latest").resolve() == folder.resolve()
     # inside the checkout nothing but runs/ is written (no lightning_logs/, wandb/, ...)
     assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
@@ -182,7 +182,7 @@ def test_test_subcommand_gets_its_own_folder_and_metrics(workdir):
     tested = run("test", "--config", str(conf), "--ckpt_path", str(ckpt))
     assert tested.run_dir != fitted.run_dir
     metrics = json.loads((tested.run_dir / "metrics.json").read_text())
-    assert 0 < metrics["toy/test/l1"] < 1
+    assert 0 < metrics["toy/tracked/test/full/l1"] < 1
 
 
 def test_console_script_lists_subcommands():
@@ -203,4 +203,4 @@ def test_a_test_run_reports_only_its_own_rows(workdir):
     ckpt = cwd / "runs" / "toy" / "latest" / "checkpoints" / "last.ckpt"
     tested = run("test", "--config", str(conf), "--ckpt_path", str(ckpt))
     metrics = json.loads((tested.run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"params/toy", "toy/test/l1"}  # no val rows carried over from the fit
+    assert set(metrics) == {"params/toy", "toy/tracked/test/full/l1"}  # no val rows carried over from the fit

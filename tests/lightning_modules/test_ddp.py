@@ -213,7 +213,7 @@ def test_gar_ddp_phases_pass_the_unused_parameter_check(ddp_distill, ddp_cwd):
     _assert_same_state(r0, r1)
     assert any(k.startswith("discriminator.") for k in r0["state"])
     assert not torch.equal(r0["state"]["z_mean"], torch.zeros_like(r0["state"]["z_mean"]))
-    assert json.loads((run / "metrics.json").read_text())["gar/val/psnr"] > 0
+    assert json.loads((run / "metrics.json").read_text())["gar/tracked/val/full/psnr"] > 0
 
 
 def test_torchrun_ranks_share_rank_zeros_run_folder(tmp_path):

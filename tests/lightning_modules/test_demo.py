@@ -46,63 +46,85 @@ def test_demo_report_matches_the_runs(demo):
     cwd, report, lines = demo
     out = cwd / "runs" / "demo"
     assert json.loads((out / "report.json").read_text()) == report
-    assert set(report["runs"]) == {f"{s}_{k}" for s in ("teacher", "distill", "gar") for k in ("fit", "test")}
+    assert set(report["runs"]) == {f"{s}_{k}" for s in ("teacher", "distill", "gar") for k in ("fit", "val", "test")}
+    # the checkpoints the evaluations read were selected on val
+    assert all(path.endswith("best.ckpt") for path in report["selected_checkpoints"].values())
+    assert report["splits"] == {"train": 4, "val": 2, "test": 2}
 
     # every value equals the metrics.json entry of the run it names as its source
-    keys = {"params": "params/{m}", "flops": "flops/{m}", "flops_per_frame": "flops_per_frame/{m}",
-            "ms_per_frame": "ms_per_frame/{m}", "l1": "{m}/test/l1", "psnr": "{m}/test/psnr",
-            "ssim": "{m}/test/ssim", "swd": "{m}/test/swd"}
+    cost_keys = {"params": "params/{m}", "flops": "flops/{m}", "flops_per_frame": "flops_per_frame/{m}/{p}",
+                 "ms_per_frame": "ms_per_frame/{m}/{p}"}
     checked = 0
-    for model, row in report["models"].items():
-        for field, key in keys.items():
-            source = report["sources"].get(model, {}).get(field)
+    for rid, row in report["rows"].items():
+        model, protocol = row["model"], row["protocol"]
+        sources = report["sources"].get(rid, {})
+        for field, key in cost_keys.items():
             if row[field] is None:
-                assert source is None
+                assert field not in sources
                 continue
-            assert row[field] == _metrics(cwd, report, source)[key.format(m=model)], (model, field)
+            assert row[field] == _metrics(cwd, report, sources[field])[key.format(m=model, p=protocol)], (rid, field)
             checked += 1
-    assert checked >= 25
+        for split in ("val", "test"):
+            for region in ("full", "face"):
+                for metric, value in row[split][region].items():
+                    if value is None:
+                        continue
+                    source = sources[f"{split}/{region}/{metric}"]
+                    assert source.endswith(f"_{split}"), (rid, split, source)  # val from validate, test from test
+                    assert value == _metrics(cwd, report, source)[f"{model}/{protocol}/{split}/{region}/{metric}"]
+                    checked += 1
+    assert checked >= 150
 
     # and the values the issue names, from the runs that make them
     distill_fit, distill_test = _metrics(cwd, report, "distill_fit"), _metrics(cwd, report, "distill_test")
     gar_test, teacher_test = _metrics(cwd, report, "gar_test"), _metrics(cwd, report, "teacher_test")
-    models = report["models"]
+    rows = report["rows"]
     for model in ("teacher", "student"):
-        assert models[model]["flops"] == distill_fit[f"flops/{model}"] > 0
-        assert models[model]["flops_per_frame"] == distill_fit[f"flops_per_frame/{model}"] > 0
-        assert models[model]["ms_per_frame"] == distill_test[f"ms_per_frame/{model}"] > 0
-        assert models[model]["params"] == distill_fit[f"params/{model}"] > 0
+        assert rows[f"{model}/tracked"]["flops"] == distill_fit[f"flops/{model}"] > 0
+        assert rows[f"{model}/tracked"]["flops_per_frame"] == distill_fit[f"flops_per_frame/{model}/tracked"] > 0
+        assert rows[f"{model}/tracked"]["params"] == distill_fit[f"params/{model}"] > 0
+    assert rows["teacher/tracked"]["ms_per_frame"] == teacher_test["ms_per_frame/teacher/tracked"] > 0
+    assert rows["student/tracked"]["ms_per_frame"] == distill_test["ms_per_frame/student/tracked"] > 0
     assert report["ratios"] == {"params_ratio": distill_fit["params_ratio"], "flops_ratio": distill_fit["flops_ratio"]}
     assert 0 < report["ratios"]["params_ratio"] < 1
     for metric in ("l1", "psnr", "ssim"):
-        assert models["teacher"][metric] == teacher_test[f"teacher/test/{metric}"]
-        assert models["baseline_mean"][metric] == teacher_test[f"baseline_mean/test/{metric}"]
-        assert models["student"][metric] == distill_test[f"student/test/{metric}"]
-    for model in ("student", "gar", "gar_meanz"):
-        assert models[model]["swd"] == gar_test[f"{model}/test/swd"] >= 0
-    for model in ("gar", "gar_meanz"):
-        assert models[model]["psnr"] == gar_test[f"{model}/test/psnr"]
+        for region in ("full", "face"):
+            test = lambda r: rows[r]["test"][region][metric]  # noqa: E731
+            assert test("teacher/tracked") == teacher_test[f"teacher/tracked/test/{region}/{metric}"]
+            assert test("teacher/refined") == teacher_test[f"teacher/refined/test/{region}/{metric}"]
+            for baseline in ("baseline_mean", "baseline_nearest"):
+                assert test(f"{baseline}/tracked") == teacher_test[f"{baseline}/tracked/test/{region}/{metric}"]
+            assert test("student/tracked") == distill_test[f"student/tracked/test/{region}/{metric}"]
+            assert test("student/refined") == distill_test[f"student/refined/test/{region}/{metric}"]
+    for rid in ("gar/tracked", "gar/refined", "gar_inverted/refined"):
+        model, protocol = rid.split("/")
+        assert rows[rid]["test"]["full"]["swd"] == gar_test[f"{model}/{protocol}/test/full/swd"] >= 0
+        assert rows[rid]["test"]["full"]["psnr"] == gar_test[f"{model}/{protocol}/test/full/psnr"]
+        assert rows[rid]["ms_per_frame"] == gar_test[f"ms_per_frame/{model}/{protocol}"] > 0
+    assert rows["gar_inverted/refined"]["params"] > rows["gar/tracked"]["params"] > 0  # G + E against G
 
-    # training time: measured around each fit; nothing for the baseline, nothing invented
+    # training time: measured around each fit; nothing for the baselines, nothing invented
     times = report["timings_s"]
-    assert models["teacher"]["training_time_s"] == times["teacher_fit"] > 0
-    assert models["student"]["training_time_s"] == times["distill_fit"] > 0
-    assert models["gar"]["training_time_s"] == times["gar_fit"] > 0
-    assert models["baseline_mean"]["training_time_s"] is None
-    # no run counts the GAR's FLOPs or the teacher's SWD: null, "—" in Markdown
-    assert models["gar"]["flops"] is None and models["teacher"]["swd"] is None
-    assert all(v is None or math.isfinite(v) for row in models.values() for v in row.values())
+    assert rows["teacher/tracked"]["training_time_s"] == times["teacher_fit"] > 0
+    assert rows["student/tracked"]["training_time_s"] == times["distill_fit"] > 0
+    assert rows["gar/tracked"]["training_time_s"] == times["gar_fit"] > 0
+    assert rows["baseline_mean/tracked"]["training_time_s"] is None
+    # no run counts the GAR's canonical FLOPs or the teacher's SWD: null, "—" in Markdown
+    assert rows["gar/tracked"]["flops"] is None and rows["teacher/tracked"]["test"]["full"]["swd"] is None
 
     md = (out / "report.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in table[1:]] == list(models)
-    assert table[1].count("—") == 6  # baseline_mean: params, FLOPs x2, ms, training time, SWD
-    teacher_row = table[2].split("|")
-    assert teacher_row[2].strip() == f"{models['teacher']['params']:,}"
-    assert teacher_row[8].strip() == f"{models['teacher']['psnr']:.2f}"
+    headline = md.split("## Test frames, tracked codes")[1].split("\n## ")[0]
+    table = [line for line in headline.splitlines() if line.startswith("| ")]
+    tracked = [rid.split("/")[0] for rid in rows if rid.endswith("/tracked")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == tracked  # the headline: tracked rows only
+    teacher_row = table[3].split("|")
+    assert teacher_row[2].strip() == f"{rows['teacher/tracked']['params']:,}"
+    assert teacher_row[8].strip() == f"{rows['teacher/tracked']['test']['full']['psnr']:.2f}"
+    assert "gar_inverted" not in headline and "gar_inverted" in md.split("## Refined protocol")[1]
     assert f"params_ratio = {report['ratios']['params_ratio']:.4f}" in md
+    assert "## Deployment" in md
     # progress was shown, stage by stage
-    assert sum(line.startswith("\n==> demo [") for line in lines) == 8
+    assert sum(line.startswith("\n==> demo [") for line in lines) == 11
     # nothing written but runs/ (the tiny head is generated: no data/)
     assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
 
@@ -139,13 +161,16 @@ def test_report_of_partial_runs_shows_missing_values(tmp_path):
 
     run = tmp_path / "distill_test"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"student/test/psnr": 21.5, "student/test/ssim": None,
-                                                  "params/student": 1234, "params_ratio": 0.02}))
+    (run / "metrics.json").write_text(json.dumps({
+        "student/tracked/test/full/psnr": 21.5, "student/tracked/test/full/ssim": None,
+        "params/student": 1234, "params_ratio": 0.02,
+    }))
     report = build_report({"distill_test": run}, training_time_s={"distill_fit": 12.0})
-    assert report["models"]["student"]["psnr"] == 21.5
-    assert report["models"]["student"]["ssim"] is None  # null stays null
-    assert report["models"]["student"]["training_time_s"] == 12.0
-    assert report["models"]["teacher"] == dict.fromkeys(report["models"]["teacher"])
+    student = report["rows"]["student/tracked"]
+    assert student["test"]["full"]["psnr"] == 21.5
+    assert student["test"]["full"]["ssim"] is None  # null stays null
+    assert student["training_time_s"] == 12.0
+    assert report["rows"]["teacher/tracked"]["params"] is None
     assert report["ratios"] == {"params_ratio": 0.02, "flops_ratio": None}
     md = format_markdown(report)
     assert "| student | 1,234 | — | — | — | 12.0 s | — | 21.50 | — | — |" in md
@@ -154,6 +179,23 @@ def test_report_of_partial_runs_shows_missing_values(tmp_path):
         build_report({"student_fit": run})
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         build_report({"gar_test": tmp_path / "nowhere"})
+
+
+def test_report_says_which_model_does_not_beat_the_baselines(tmp_path):
+    from lightning_modules.report import build_report, format_markdown, verdicts
+
+    run = tmp_path / "distill_test"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({
+        "baseline_mean/tracked/test/full/psnr": 20.0, "baseline_nearest/tracked/test/full/psnr": 22.0,
+        "teacher/tracked/test/full/psnr": 23.0, "student/tracked/test/full/psnr": 21.0,
+    }))
+    report = build_report({"distill_test": run})
+    assert verdicts(report) == [
+        "teacher (23.00 dB) beats both baselines.",
+        "student (21.00 dB) does NOT beat baseline_nearest (22.00); it beats baseline_mean.",
+    ]
+    assert "student (21.00 dB) does NOT beat baseline_nearest" in format_markdown(report)
 
 
 def test_stage_args_pass_the_upstream_checkpoint():
@@ -191,7 +233,7 @@ def test_demo_subprocesses_tiny(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text())
-    assert report["models"]["student"]["psnr"] > 0 and report["ratios"]["flops_ratio"] > 0
+    assert report["rows"]["student/tracked"]["test"]["full"]["psnr"] > 0 and report["ratios"]["flops_ratio"] > 0
     assert (tmp_path / "runs" / "demo" / report["comparison"]["path"]).is_file()
     assert (tmp_path / "runs" / "demo" / "losses.png").is_file()
-    assert "demo [8/8] report" in proc.stdout
+    assert "demo [11/11] report" in proc.stdout

@@ -51,12 +51,12 @@ def test_student_checkpoint_is_self_contained(teacher_run, distill_run):
 def test_report_has_both_models_and_the_ratios(distill_run):
     metrics = json.loads((distill_run / "metrics.json").read_text())
     for model in ("student", "teacher", "baseline_mean"):
-        assert isinstance(metrics[f"{model}/val/psnr"], float)
+        assert isinstance(metrics[f"{model}/tracked/val/full/psnr"], float)
     assert metrics["params_ratio"] == metrics["params/student"] / metrics["params/teacher"]
     assert metrics["flops_ratio"] == metrics["flops/student"] / metrics["flops/teacher"]
     assert metrics["params_ratio"] <= 0.05 and metrics["flops_ratio"] <= 0.10  # the targets, from the counter
     assert metrics["flops_run/teacher"] < metrics["flops/teacher"]  # the run's cloud is smaller than 10,000
-    assert metrics["num_points"] > 0 and metrics["flops_per_frame/student"] > 0
+    assert metrics["num_points"] > 0 and metrics["flops_per_frame/student/tracked"] > 0
 
 
 def test_loss_terms_switch_off_from_the_command_line(teacher_run, tmp_path):
@@ -198,7 +198,7 @@ def test_distill_fidelity_by_hand_and_on_a_run(distill_run, capsys):
     assert result["render_psnr"] > 0 and result["student_psnr"] > 0 and result["teacher_psnr"] > 0
     metrics = json.loads((distill_run / "metrics.json").read_text())
     # the teacher's val PSNR is the stage's own (same renders, same frames, same per-frame mean)
-    assert result["teacher_psnr"] == pytest.approx(metrics["teacher/val/psnr"], abs=1e-3)
+    assert result["teacher_psnr"] == pytest.approx(metrics["teacher/tracked/val/full/psnr"], abs=1e-3)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
 
 

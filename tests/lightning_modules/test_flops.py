@@ -285,10 +285,10 @@ def test_flop_counter_writes_counts_and_ratios(tmp_path):
     assert metrics["params/student"] == student_params
     assert metrics["flops/teacher"] == 10_000 * TINY_PER_POINT
     assert metrics["flops_run/teacher"] == n_run * TINY_PER_POINT
-    assert metrics["flops_per_frame/teacher"] == n_run * TINY_FRAME_PER_POINT
+    assert metrics["flops_per_frame/teacher/tracked"] == n_run * TINY_FRAME_PER_POINT
     assert metrics["flops/student"] == 10_000 * student_per_point
     assert metrics["flops_run/student"] == n_run * student_per_point
-    assert "flops_per_frame/student" not in metrics  # no per-frame target given
+    assert "flops_per_frame/student/tracked" not in metrics  # no per-frame target given
     assert metrics["params_ratio"] == pytest.approx(student_params / teacher_params)
     assert metrics["flops_ratio"] == pytest.approx(student_per_point / TINY_PER_POINT)
 

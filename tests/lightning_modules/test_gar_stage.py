@@ -22,12 +22,16 @@ def test_missing_student_is_one_line_naming_the_command(tmp_path, monkeypatch, c
     assert not (tmp_path / "runs").exists()
 
 
-def test_gar_run_reports_student_gar_and_gar_meanz(gar_run):
+def test_gar_run_reports_tracked_rows_only(gar_run):
+    """Inside a fit, val selects the checkpoint: only tracked rows (nothing looks at the frame)."""
     metrics = json.loads((gar_run / "metrics.json").read_text())
-    for model in ("student", "gar", "gar_meanz"):
-        for metric in ("l1", "psnr", "ssim", "swd"):
-            assert isinstance(metrics[f"{model}/val/{metric}"], float), (model, metric)
-        assert metrics[f"{model}/val/lpips"] is None
+    for model in ("student", "gar"):
+        for region in ("full", "face"):
+            for metric in ("l1", "psnr", "ssim", "swd"):
+                assert isinstance(metrics[f"{model}/tracked/val/{region}/{metric}"], float), (model, metric)
+            assert metrics[f"{model}/tracked/val/{region}/lpips"] is None
+    assert isinstance(metrics["baseline_nearest/tracked/val/full/psnr"], float)
+    assert not any("/refined/" in key or key.startswith("gar_inverted/") for key in metrics)
     assert "gar/d_collapse" not in metrics  # a health signal: logged, not stored
     ckpt = torch.load(gar_run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3  # one batch = three optimizer steps (N, G+E, D)
@@ -66,8 +70,10 @@ def test_toggling_optimizers_never_reenables_student_gradients(distill_run, tmp_
 
 
 def test_gar_test_run_reports_per_frame_cost(distill_run, gar_run, tmp_path):
-    """`lightning test` of a GAR checkpoint writes ms_per_frame/gar and flops_per_frame/gar, the
-    latter cross-checked against torch's FlopCounterMode on the generator and the deformation."""
+    """`lightning test` of a GAR checkpoint writes every row's cost: ms_per_frame/gar/tracked and
+    flops_per_frame/gar/tracked (cross-checked against torch's FlopCounterMode on the generator and
+    the deformation), and the refined rows' (their refinement steps included: far above tracked);
+    params/gar_inverted counts G and E."""
     from lightning_modules.flops import flop_counter_macs
 
     student_ckpt = str(distill_run / "checkpoints" / "last.ckpt")
@@ -78,8 +84,13 @@ def test_gar_test_run_reports_per_frame_cost(distill_run, gar_run, tmp_path):
         "--ckpt_path", str(gar_run / "checkpoints" / "last.ckpt"), "--run_dir", str(run_dir),
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["ms_per_frame/gar"] > 0
+    assert metrics["ms_per_frame/gar/tracked"] > 0
     module = cli.model
+    for row in ("gar/refined", "gar_inverted/refined"):
+        assert metrics[f"flops_per_frame/{row}"] > 5 * metrics["flops_per_frame/gar/tracked"], row
+        assert metrics[f"ms_per_frame/{row}"] > 0
+        assert isinstance(metrics[f"{row.split('/')[0]}/refined/test/full/psnr"], float)
+    assert metrics["params/gar_inverted"] == metrics["params/gar"] + sum(p.numel() for p in module.encoder.parameters())
     batch = next(iter(cli.datamodule.test_dataloader()))
     one = batch.head(1)
     with torch.no_grad():
@@ -92,8 +103,8 @@ def test_gar_test_run_reports_per_frame_cost(distill_run, gar_run, tmp_path):
     reference += flop_counter_macs(module.student.shade, (module._student_canonical(), one.world_mat))
     # fvcore and FlopCounterMode agree on convolutions and matmuls; element-wise work (counted by
     # neither) is all that separates them
-    assert metrics["flops_per_frame/gar"] == pytest.approx(reference, rel=0.05)
-    assert metrics["flops_per_frame/gar"] > 0
+    assert metrics["flops_per_frame/gar/tracked"] == pytest.approx(reference, rel=0.05)
+    assert metrics["flops_per_frame/gar/tracked"] > 0
 
 
 
@@ -142,7 +153,7 @@ def test_generator_from_features_alone_and_e_alone(distill_run, tmp_path):
     module = cli.model
     assert not module.generator.residual and not module.generator_ema.residual
     metrics = json.loads((tmp_path / "gar" / "metrics.json").read_text())
-    assert all(isinstance(metrics[f"{m}/val/psnr"], float) for m in ("student", "gar", "gar_meanz"))
+    assert all(isinstance(metrics[f"{m}/tracked/val/full/psnr"], float) for m in ("student", "gar"))
     batch = next(iter(cli.datamodule.val_dataloader()))
     with torch.no_grad():
         inputs = module.raster_inputs(batch, batch.expression)

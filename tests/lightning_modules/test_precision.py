@@ -119,7 +119,7 @@ def test_teacher_bf16_mixed(tmp_path, spies):
         "fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH), BF16,
         "--trainer.max_steps=1", "--run_dir", str(run_dir),
     )
-    _check_run(cli, run_dir, "teacher/train/loss", "teacher/val/psnr")
+    _check_run(cli, run_dir, "teacher/train/loss", "teacher/tracked/val/full/psnr")
     _check_raster(spies)
 
 
@@ -131,7 +131,7 @@ def test_distill_bf16_mixed(tmp_path, spies, teacher_run):
         "--model.init_args.warmup_steps=5",
         "--trainer.max_steps=1", "--run_dir", str(run_dir),
     )
-    _check_run(cli, run_dir, "distill/train/loss", "student/val/psnr")
+    _check_run(cli, run_dir, "distill/train/loss", "student/tracked/val/full/psnr")
     _check_raster(spies)
 
 
@@ -143,14 +143,14 @@ def test_gar_bf16_mixed_gan_losses_stay_float32(tmp_path, spies, distill_run):
         "--model.init_args.r1_every=1",  # the R1 penalty runs in this one batch
         "--trainer.max_steps=3", "--run_dir", str(run_dir),
     )
-    _check_run(cli, run_dir, "gar/train/loss", "gar/val/psnr")
+    _check_run(cli, run_dir, "gar/train/loss", "gar/tracked/val/full/psnr")
     _check_raster(spies, bf16_features=False)  # the frozen student's features are cached float32 buffers
     gan = spies["gan"]
     assert {c["loss"] for c in gan} == {"g_loss", "d_loss", "r1_penalty", "normal_consistency_loss"}
     # the discriminator ran in bf16 under autocast, its losses came back float32
     assert any(c["loss"] in ("g_loss", "d_loss") and c["input"] == torch.bfloat16 for c in gan)
     assert all(c["output"] == torch.float32 for c in gan), gan
-    assert math.isfinite(json.loads((run_dir / "metrics.json").read_text())["gar/val/swd"])
+    assert math.isfinite(json.loads((run_dir / "metrics.json").read_text())["gar/tracked/val/full/swd"])
 
 
 @pytest.mark.slow

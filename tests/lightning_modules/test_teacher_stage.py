@@ -23,10 +23,12 @@ def test_one_step_teacher_run_leaves_checkpoint_metrics_and_grid(teacher_run):
     fresh = TeacherModule(expression_dim=4, image_size=32)
     assert metrics["params/teacher"] == sum(p.numel() for p in fresh.teacher.canonical_network_parameters())
     assert metrics["num_points"] == ckpt["num_points"] <= 400
-    for model in ("teacher", "baseline_mean"):
-        for metric in ("l1", "psnr", "ssim"):
-            assert isinstance(metrics[f"{model}/val/{metric}"], float)
-    assert metrics["teacher/val/lpips"] is None  # no AlexNet weights on disk: null, never a stand-in
+    for model in ("teacher", "baseline_mean", "baseline_nearest"):
+        for region in ("full", "face"):
+            for metric in ("l1", "psnr", "ssim"):
+                assert isinstance(metrics[f"{model}/tracked/val/{region}/{metric}"], float)
+    assert metrics["teacher/tracked/val/full/lpips"] is None  # no AlexNet weights on disk: null, never a stand-in
+    assert not any("/refined/" in key for key in metrics)  # inside a fit, val only selects: no refined row
     (grid,) = sorted((teacher_run / "renders").glob("val_*.png"))
     image = iio.imread(grid)
     assert image.shape == (2 * 32, 4 * 32, 3)  # rows: val frames; columns: GT | render | normals | alpha
@@ -51,7 +53,11 @@ def test_test_subcommand_writes_video_and_test_metrics(teacher_run, tmp_path):
         "--ckpt_path", str(teacher_run / "checkpoints" / "last.ckpt"), "--run_dir", str(out),
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"teacher/test/psnr", "baseline_mean/test/psnr", "teacher/test/lpips"} <= set(metrics)
+    assert {"teacher/tracked/test/full/psnr", "baseline_mean/tracked/test/full/psnr",
+            "baseline_nearest/tracked/test/face/psnr", "teacher/refined/test/full/psnr",
+            "teacher/tracked/test/full/lpips", "ms_per_frame/teacher/tracked"} <= set(metrics)
+    # the refined row fits each frame's codes to that frame: never worse than a few steps from tracking allow
+    assert metrics["flops_per_frame/teacher/refined"] > 0 and metrics["ms_per_frame/teacher/refined"] > 0
     video = iio.imread(out / "renders" / "test.mp4")
     assert video.shape[1:] == (32, 4 * 32, 3)
     assert video.shape[0] == 2  # the tiny head's test views (i % 4 == 3 of 8)

@@ -44,7 +44,7 @@ class PointColourData(pl.LightningDataModule):
 
 class PointColourModule(pl.LightningModule):
     stage = "toy"
-    monitor = "toy/val/l1"
+    monitor = "toy/tracked/val/full/l1"
     monitor_mode = "min"
 
     def __init__(self, hidden: int = 32, frequencies: int = 4, lr: float = 1e-2, expression_dim: int = 0, image_size: int = 32) -> None:
@@ -66,11 +66,11 @@ class PointColourModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         points, colours = batch
-        self.log("toy/val/l1", (self(points) - colours).abs().mean())
+        self.log("toy/tracked/val/full/l1", (self(points) - colours).abs().mean())
 
     def test_step(self, batch, batch_idx):
         points, colours = batch
-        self.log("toy/test/l1", (self(points) - colours).abs().mean())
+        self.log("toy/tracked/test/full/l1", (self(points) - colours).abs().mean())
 
     def run_metrics(self):
         return {"params/toy": sum(p.numel() for p in self.parameters())}
