@@ -47,7 +47,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
-from lightning_modules.metrics import HeldOutMetrics, composite_on_white, multiply_adds, refine_codes, time_per_frame
+from lightning_modules.metrics import (
+    HeldOutMetrics,
+    composite_on_white,
+    multiply_adds,
+    refine_codes,
+    time_per_frame,
+)
 from lightning_modules.run_folder import upstream_checkpoint
 from lightning_modules.teacher import TeacherModule, check_finite_losses
 from models.adapters import FeatureAdapter

@@ -20,7 +20,13 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.metrics import HeldOutMetrics, composite_on_white, multiply_adds, refine_codes, time_per_frame
+from lightning_modules.metrics import (
+    HeldOutMetrics,
+    composite_on_white,
+    multiply_adds,
+    refine_codes,
+    time_per_frame,
+)
 from models.camera import pixel_radius
 from models.losses import blendshape_regularization, eikonal_loss, mask_loss, masked_l1, ssim_loss
 from models.rasterizer import PointRasterizer, RasterOutput

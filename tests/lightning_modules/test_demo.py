@@ -7,7 +7,6 @@ The end-to-end tests are marked slow: the in-process tiny demo (6 runs + render)
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -89,7 +88,9 @@ def test_demo_report_matches_the_runs(demo):
     assert 0 < report["ratios"]["params_ratio"] < 1
     for metric in ("l1", "psnr", "ssim"):
         for region in ("full", "face"):
-            test = lambda r: rows[r]["test"][region][metric]  # noqa: E731
+            def test(r, region=region, metric=metric):
+                return rows[r]["test"][region][metric]
+
             assert test("teacher/tracked") == teacher_test[f"teacher/tracked/test/{region}/{metric}"]
             assert test("teacher/refined") == teacher_test[f"teacher/refined/test/{region}/{metric}"]
             for baseline in ("baseline_mean", "baseline_nearest"):
