@@ -27,6 +27,8 @@ the output has exactly one frame per frame of the driving video;
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,8 +262,11 @@ def driving_dataset(subject, driver_root: str | Path):
     driver_root = Path(driver_root)
     seq = driving_sequence(subject.dataset_dir, driver_root, subject.train_set.world_mats.double().numpy())
     # the driver's frames, cropped around its own head at the subject's size (all frames "train")
-    frames = AvatarDataModule(data_root=str(driver_root.parent), dataset_name=driver_root.name,
-                              image_size=subject.image_size, test_fraction=0.0, crop_margin=subject.crop_margin)
+    with warnings.catch_warnings():  # no val frames on purpose: nothing is selected on a driver
+        warnings.filterwarnings("ignore", message="val_fraction=0")
+        frames = AvatarDataModule(data_root=str(driver_root.parent), dataset_name=driver_root.name,
+                                  image_size=subject.image_size, test_fraction=0.0, val_fraction=0.0,
+                                  crop_margin=subject.crop_margin)
     frames.setup()
     src = torch.from_numpy(seq.source)
     dataset = AvatarFrameDataset(

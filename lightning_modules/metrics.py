@@ -282,7 +282,7 @@ def refine_codes(
         for _ in range(steps):
             e, wm = posed()
             loss = (render(e, wm, code_extra, *inputs) - target).abs().mean()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             grads = torch.autograd.grad(loss, codes, allow_unused=True)
             for code, grad in zip(codes, grads):
                 code.grad = torch.zeros_like(code) if grad is None else grad

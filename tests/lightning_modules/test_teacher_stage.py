@@ -48,11 +48,17 @@ def test_checkpoint_loads_into_a_fresh_module_with_the_same_renders(teacher_run)
 
 def test_test_subcommand_writes_video_and_test_metrics(teacher_run, tmp_path):
     out = tmp_path / "test_run"
-    run_stage(
+    cli = run_stage(
         "test", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
         "--ckpt_path", str(teacher_run / "checkpoints" / "last.ckpt"), "--run_dir", str(out),
     )
     metrics = json.loads((out / "metrics.json").read_text())
+    # the refined protocol moved each frame's codes, never the model: every weight bitwise as loaded
+    saved = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key, value in cli.model.state_dict().items():
+        if key in saved:
+            assert torch.equal(value.cpu(), saved[key]), key
+    assert all(p.grad is None for p in cli.model.parameters())
     assert {"teacher/tracked/test/full/psnr", "baseline_mean/tracked/test/full/psnr",
             "baseline_nearest/tracked/test/face/psnr", "teacher/refined/test/full/psnr",
             "teacher/tracked/test/full/lpips", "ms_per_frame/teacher/tracked"} <= set(metrics)
