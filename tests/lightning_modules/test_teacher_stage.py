@@ -168,9 +168,12 @@ def test_teacher_errors_on_a_run(teacher_run, capsys):
     from benchmarks.teacher_errors import main
 
     result = main(["--run", str(teacher_run), "--split", "val"])
-    for model in ("teacher", "baseline_mean"):
+    for model in ("teacher", "baseline_mean", "baseline_nearest"):
         r = result[model]
         assert r["mse"] == pytest.approx(r["mse_outside"] + r["mse_band"] + r["mse_interior"], rel=1e-5)
         assert len(r["frame_psnr"]) == result["frames"] > 0
-    assert result["baseline_mean"]["mse_outside"] == 0.0  # the baseline has the true silhouette
+    # the baselines predict their own silhouette: they pay for it outside the mask, unless perfect
+    assert result["baseline_mean"]["mse_outside"] > 0.0
+    # with the ground-truth mask imposed, only the colours inside are left to differ
+    assert result["baseline_nearest"]["psnr_gt_mask"] >= result["baseline_nearest"]["psnr"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
