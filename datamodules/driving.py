@@ -28,7 +28,6 @@ the output has exactly one frame per frame of the driving video;
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 from pathlib import Path
 
