@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.evaluate import COLUMNS, main, mean_over_subjects, run_evaluation, subject_name
+from benchmarks.evaluate import COLUMNS, main, mean_over_subjects, run_evaluation, subject_name, write_readme
 
 
 def _report(psnr: float, swd: float | None) -> dict:
@@ -58,3 +58,19 @@ def test_subject_names_and_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("evaluate: error: video") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_block_is_replaced_and_nothing_else(tmp_path, capsys):
+    result = run_evaluation([None], tmp_path / "eval", run=lambda out, video=None, overrides="": _report(21.0, 0.05),
+                            log=lambda line: None)
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nbefore\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
+    write_readme(readme, result)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n<!-- results:begin -->") and text.endswith("<!-- results:end -->\nafter\n")
+    assert "old" not in text and "| student/tracked |" in text and "## carphone" in text
+    assert main(["--out", str(tmp_path / "eval"), "--write-readme", str(readme)]) == 0
+    (tmp_path / "plain.md").write_text("no block\n")
+    assert main(["--out", str(tmp_path / "eval"), "--write-readme", str(tmp_path / "plain.md")]) == 2
+    assert "no <!-- results:begin -->" in capsys.readouterr().err
+    assert (tmp_path / "plain.md").read_text() == "no block\n"
