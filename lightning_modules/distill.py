@@ -51,7 +51,7 @@ from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
     multiply_adds,
-    refine_codes,
+    refined_render,
     time_per_frame,
 )
 from lightning_modules.run_folder import upstream_checkpoint
@@ -332,14 +332,10 @@ class DistillModule(pl.LightningModule):
         """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
         return self.hparams.refine_steps > 0 and self.trainer.state.fn != "fit"
 
-    def _refined_render(self, batch, canonical: StudentCanonical) -> torch.Tensor:
+    def _refined_render(self, batch, canonical) -> torch.Tensor:
         """The ``refined`` protocol's render of ``batch`` (codes refined against its frames, student frozen)."""
         hp = self.hparams
-        codes = refine_codes(self._render_codes, batch.expression, batch.world_mat,
-                             composite_on_white(batch.image, batch.mask), hp.refine_steps, hp.refine_lr,
-                             inputs=(batch, canonical))
-        with torch.no_grad():
-            return self._render_codes(codes.expression, codes.world_mat, None, batch, canonical)
+        return refined_render(self._render_codes, batch, hp.refine_steps, hp.refine_lr, inputs=(canonical,))
 
     def _eval_step(self, batch) -> None:
         if self._eval_student is None:  # per subject: once per evaluation epoch

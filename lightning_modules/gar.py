@@ -48,7 +48,7 @@ from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
     multiply_adds,
-    refine_codes,
+    refined_render,
     time_per_frame,
 )
 from lightning_modules.run_folder import upstream_checkpoint
@@ -410,10 +410,8 @@ class GARModule(pl.LightningModule):
         """The ``gar/refined`` row: expression, head pose and z refined against the frame from the
         tracked codes and the mean z (:func:`~lightning_modules.metrics.refine_codes`), (B, 3, H, W)."""
         hp = self.hparams
-        codes = refine_codes(self._render_codes, batch.expression, batch.world_mat,
-                             composite_on_white(batch.image, batch.mask), hp.refine_steps, hp.refine_lr,
-                             extra=self.z_mean.expand(len(batch), -1), inputs=(batch,))
-        return self._render_codes(codes.expression, codes.world_mat, codes.extra, batch)
+        return refined_render(self._render_codes, batch, hp.refine_steps, hp.refine_lr,
+                              extra=self.z_mean.expand(len(batch), -1))
 
     def _refine(self) -> bool:
         """The refined rows run in ``lightning validate``/``test`` only: never inside a fit (selection)."""

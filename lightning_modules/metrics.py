@@ -50,6 +50,7 @@ __all__ = [
     "metric_key",
     "nearest_training_frames",
     "refine_codes",
+    "refined_render",
     "small_rotation",
     "time_per_frame",
     "multiply_adds",
@@ -291,6 +292,29 @@ def refine_codes(
             e, wm = posed()
             losses.append(float((render(e, wm, code_extra, *inputs) - target).abs().mean()))
     return RefinedCodes(e.detach(), wm.detach(), None if code_extra is None else code_extra.detach(), losses)
+
+
+def refined_render(
+    render: Callable[..., torch.Tensor], batch, steps: int, lr: float, inputs: tuple = (),
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``refined`` protocol's render of a batch: :func:`refine_codes` from the batch's tracked
+    codes against its frames on white, then ``render`` of the refined codes (no gradient).
+
+    Args:
+        render: (expression, world_mat, extra, batch, *inputs) -> (B, 3, H, W) render on white.
+        batch: the :class:`~datamodules.batch.AvatarBatch` scored.
+        steps, lr, extra: as :func:`refine_codes`.
+        inputs: further arguments of ``render`` after the batch.
+
+    Returns:
+        (B, 3, H, W) the render of the refined codes.
+    """
+    target = composite_on_white(batch.image, batch.mask)
+    codes = refine_codes(render, batch.expression, batch.world_mat, target, steps, lr, extra=extra,
+                         inputs=(batch, *inputs))
+    with torch.no_grad():
+        return render(codes.expression, codes.world_mat, codes.extra, batch, *inputs)
 
 
 def time_per_frame(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -24,7 +24,7 @@ from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
     multiply_adds,
-    refine_codes,
+    refined_render,
     time_per_frame,
 )
 from models.camera import pixel_radius
@@ -194,14 +194,10 @@ class TeacherModule(pl.LightningModule):
         radius = pixel_radius(out["points"], world_mat, batch.K, out["radius"])
         return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=radius).image[:, :3]
 
-    def _refined_render(self, batch, canonical: CanonicalOutput) -> torch.Tensor:
+    def _refined_render(self, batch, canonical) -> torch.Tensor:
         """The ``refined`` protocol's render of ``batch`` (codes refined against its frames, teacher frozen)."""
         hp = self.hparams
-        codes = refine_codes(self._render_codes, batch.expression, batch.world_mat,
-                             composite_on_white(batch.image, batch.mask), hp.refine_steps, hp.refine_lr,
-                             inputs=(batch, canonical))
-        with torch.no_grad():
-            return self._render_codes(codes.expression, codes.world_mat, None, batch, canonical)
+        return refined_render(self._render_codes, batch, hp.refine_steps, hp.refine_lr, inputs=(canonical,))
 
     def _refine(self) -> bool:
         """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
