@@ -267,7 +267,11 @@ def render_comparison(
 
 # -- the pipeline ----------------------------------------------------------------------------------
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+    """``12.3 s`` under a minute, else ``4 min 05 s`` (whole seconds, never ``60 s``)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
 
 
 def _prepare(video: str | None) -> tuple[Path, int]:

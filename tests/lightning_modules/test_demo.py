@@ -238,3 +238,22 @@ def test_demo_subprocesses_tiny(tmp_path):
     assert (tmp_path / "runs" / "demo" / report["comparison"]["path"]).is_file()
     assert (tmp_path / "runs" / "demo" / "losses.png").is_file()
     assert "demo [11/11] report" in proc.stdout
+
+
+def test_durations_round_to_whole_seconds_without_60():
+    from lightning_modules.demo import _duration
+
+    assert _duration(599.6) == "10 min 00 s" and _duration(61.0) == "1 min 01 s" and _duration(59.4) == "59.4 s"
+
+
+def test_a_longer_clip_gets_the_demo_schedule_scaled_to_the_same_steps():
+    from lightning_modules.demo import REFERENCE_TRAIN_FRAMES, schedule_args
+
+    assert schedule_args("teacher", "cpu_demo", REFERENCE_TRAIN_FRAMES) == []  # carphone: as written
+    assert schedule_args("teacher", "tiny", 1000) == []
+    # akiyo: 210 training frames, 0.4 of the epochs (36 -> 14, validation every 6 -> 2, growth every 3 -> 1)
+    assert schedule_args("teacher", "cpu_demo", 210) == [
+        "--trainer.max_epochs=14", "--trainer.check_val_every_n_epoch=2",
+        "--model.init_args.grow_every_epochs=1", "--model.init_args.lr_milestones=[10, 12]",
+    ]
+    assert schedule_args("gar", "cpu_demo", 210) == ["--trainer.max_epochs=4", "--trainer.check_val_every_n_epoch=2"]
