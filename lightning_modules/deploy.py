@@ -304,6 +304,10 @@ def _fixed_camera(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _frame(gar_ckpt: Path, expression_dim: int, run_size: int, image_size: int | None):
     """(world_mat (1, 3, 4), K (1, 3, 3), expression (1, E), image size S, camera description)."""
     config = gar_ckpt.resolve().parent.parent / "config.yaml"
+    try:  # named relative to the working folder where it lies inside it (no machine paths in reports)
+        config = config.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
     reason = f"no {config}"
     if config.is_file():
         try:
