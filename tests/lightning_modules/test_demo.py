@@ -72,7 +72,7 @@ def test_demo_report_matches_the_runs(demo):
                     assert source.endswith(f"_{split}"), (rid, split, source)  # val from validate, test from test
                     assert value == _metrics(cwd, report, source)[f"{model}/{protocol}/{split}/{region}/{metric}"]
                     checked += 1
-    assert checked >= 150
+    assert checked >= 140  # costs and quality figures of 9 rows, both splits and regions
 
     # and the values the issue names, from the runs that make them
     distill_fit, distill_test = _metrics(cwd, report, "distill_fit"), _metrics(cwd, report, "distill_test")
