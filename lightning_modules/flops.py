@@ -39,7 +39,7 @@ training by ``torch.autograd.grad``, which neither fvcore's tracer nor
 that branch instead, :meth:`models.teacher.GeometryNetwork.forward_with_gradient` (the same
 gradient written out as a reverse pass of plain matmuls: one extra (N, d_out) x (d_out, d_in)
 product per hidden layer, i.e. the forward cost of every layer but the last), traced by fvcore;
-:func:`teacher_canonical_flops` cross-checks that count against ``FlopCounterMode`` (which counts
+:func:`teacher_canonical_flops` cross-checks that count against ``torch.utils.flop_counter``'s formulas (which count
 2 flops per multiply-add: halved) on the same explicit path and raises if they differ.
 
 What is counted (DESIGN.md: "one forward of the canonical network on the same canonical cloud of
@@ -79,7 +79,6 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules.run_folder import record_metrics
 from models.teacher import CanonicalOutput, GeometryNetwork, PointAvatarTeacher, fibonacci_sphere
@@ -97,6 +96,7 @@ __all__ = [
     "TeacherFrameNetwork",
     "count_flops",
     "flop_counter_macs",
+    "multiply_adds",
     "flop_handles",
     "sphere_points",
     "teacher_canonical_flops",
@@ -401,12 +401,43 @@ def _describe(obj: Any) -> str:
     return getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
-def flop_counter_macs(module_or_fn: nn.Module | Callable, inputs: tuple) -> int:
-    """Multiply-adds of one call by ``torch.utils.flop_counter.FlopCounterMode``, halved.
+def multiply_adds(fn: Callable[[], object]) -> int:
+    """Multiply-adds of one call of ``fn`` (forward passes and any backward pass inside it).
 
-    FlopCounterMode counts at the dispatcher, 2 flops per multiply-add of mm/addmm/bmm/conv/...
-    (and nothing else): half its total is comparable with :func:`count_flops` on matmul-only
-    code. Used to cross-check the explicit-Jacobian normal branch.
+    Every operator dispatched while ``fn`` runs is counted by the formulas of
+    ``torch.utils.flop_counter`` (matmuls, convolutions, attention: 2 flops per multiply-add,
+    halved here, so one multiply-add = one flop as fvcore counts); everything else counts 0, so the
+    rasterizer and element-wise work are left out as in every other FLOP figure of the report.
+    A plain dispatch mode rather than ``FlopCounterMode``, whose module tracker stops on
+    ``torch.autograd.grad`` of a leaf (the refined protocol's gradient steps).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    counter = _Counter()
+    with counter:
+        fn()
+    return counter.total // 2
+
+
+def flop_counter_macs(module_or_fn: nn.Module | Callable, inputs: tuple) -> int:
+    """Multiply-adds of one call by the formulas of ``torch.utils.flop_counter`` (:func:`multiply_adds`),
+    in eval mode under ``no_grad``.
+
+    Those formulas count 2 flops per multiply-add of mm/addmm/bmm/conv/... (and nothing else):
+    half their total is comparable with :func:`count_flops` on matmul-only code. Used to
+    cross-check the explicit-Jacobian normal branch.
 
     Args:
         module_or_fn: what to call; inputs: its positional arguments.
@@ -417,9 +448,8 @@ def flop_counter_macs(module_or_fn: nn.Module | Callable, inputs: tuple) -> int:
     owners = [module_or_fn] if isinstance(module_or_fn, nn.Module) else []
     if isinstance(getattr(module_or_fn, "__self__", None), nn.Module):
         owners = [module_or_fn.__self__]
-    with _counting_mode(owners), FlopCounterMode(display=False) as counter:
-        module_or_fn(*inputs)
-    return counter.get_total_flops() // 2
+    with _counting_mode(owners):
+        return multiply_adds(lambda: module_or_fn(*inputs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +545,7 @@ def teacher_canonical_flops(teacher: PointAvatarTeacher, num_points: int, cross_
         teacher: the teacher (unwrapped; counted where its parameters live).
         num_points: N >= 1 (points on a sphere; the cost is linear in N).
         cross_check: also count the geometry + gradient branch on min(N, 64) points with
-            ``FlopCounterMode`` and require it to equal fvcore's count.
+            ``torch.utils.flop_counter`` formulas and require them to equal fvcore's count.
 
     Returns:
         :class:`FlopReport`; ``by_module`` has ``geometry`` (with the gradient), ``deformer``.
@@ -534,7 +564,7 @@ def teacher_canonical_flops(teacher: PointAvatarTeacher, num_points: int, cross_
         if fv != fc:
             raise RuntimeError(
                 f"teacher normal-branch cross-check failed: fvcore counts {fv:,} multiply-adds on "
-                f"{small.shape[0]} points, FlopCounterMode/2 counts {fc:,}"
+                f"{small.shape[0]} points, torch.utils.flop_counter/2 counts {fc:,}"
             )
     return report
 

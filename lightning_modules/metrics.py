@@ -39,6 +39,8 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from lightning_modules.flops import multiply_adds  # re-exported: the refined rows' FLOP counter
+
 __all__ = [
     "BASELINES",
     "PROTOCOLS",
@@ -324,36 +326,6 @@ def time_per_frame(fn: Callable[[], object], repeats: int = 3) -> float:
     for _ in range(repeats):
         fn()
     return 1000 * (time.perf_counter() - start) / repeats
-
-
-def multiply_adds(fn: Callable[[], object]) -> int:
-    """Multiply-adds of one call of ``fn`` (forward passes and any backward pass inside it).
-
-    Every operator dispatched while ``fn`` runs is counted by the formulas of
-    ``torch.utils.flop_counter`` (matmuls, convolutions, attention: 2 flops per multiply-add,
-    halved here, so one multiply-add = one flop as fvcore counts); everything else counts 0, so the
-    rasterizer and element-wise work are left out as in every other FLOP figure of the report.
-    A plain dispatch mode rather than ``FlopCounterMode``, whose module tracker stops on
-    ``torch.autograd.grad`` of a leaf (the refined protocol's gradient steps).
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class _Counter(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.total += int(formula(*args, **kwargs, out_val=out))
-            return out
-
-    counter = _Counter()
-    with counter:
-        fn()
-    return counter.total // 2
 
 
 # -- metrics -----------------------------------------------------------------------------------------
