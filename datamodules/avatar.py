@@ -710,11 +710,13 @@ class AvatarDataModule(pl.LightningDataModule):
         return (self.driving.fps or None) if self.driving is not None else None
 
     def training_frames(self) -> dict[str, torch.Tensor]:
-        """The training frames, for the baselines (:class:`lightning_modules.metrics.Baselines`).
+        """The training frames, for the baselines (:class:`lightning_modules.metrics.Baselines`) and the
+        teacher's per-frame code corrections.
 
         Returns:
             {"image": (F, 3, S, S) float32 in [0, 1], "mask": (F, 1, S, S) float32 in {0, 1},
-            "world_mat": (F, 3, 4) float32, "expression": (F, E) float32}.
+            "world_mat": (F, 3, 4) float32, "expression": (F, E) float32, "frame_index": (F,) int64
+            frame numbers of the source video}.
 
         Raises:
             RuntimeError: before ``setup()``.
@@ -723,7 +725,7 @@ class AvatarDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() before training_frames()")
         t = self.train_set
         return {"image": t.images.float() / 255.0, "mask": t.masks.float(), "world_mat": t.world_mats,
-                "expression": t.expressions}
+                "expression": t.expressions, "frame_index": t.frame_numbers}
 
     def split_sizes(self) -> dict[str, int]:
         """Frames per split, {"train", "val", "test"} (after ``setup()``)."""

@@ -184,10 +184,11 @@ class MeshViewsDataModule(pl.LightningDataModule):
         return [i for i in range(self.num_views) if i % 4 in remainder]
 
     def training_frames(self) -> dict[str, torch.Tensor]:
-        """The training views (image, mask, world_mat, expression), for the baselines
-        (:meth:`datamodules.avatar.AvatarDataModule.training_frames` has the shapes)."""
+        """The training views (image, mask, world_mat, expression, frame_index), for the baselines and
+        the teacher's code corrections (:meth:`datamodules.avatar.AvatarDataModule.training_frames` has
+        the shapes)."""
         frames, idx = self.render_views(), self.split_indices("train")
-        return {k: frames[k][idx] for k in ("image", "mask", "world_mat", "expression")}
+        return {k: frames[k][idx] for k in ("image", "mask", "world_mat", "expression", "frame_index")}
 
     def split_sizes(self) -> dict[str, int]:
         """Views per split, {"train", "val", "test"}."""

@@ -55,9 +55,10 @@ from lightning_modules.metrics import (
     time_per_frame,
 )
 from lightning_modules.run_folder import upstream_checkpoint
-from lightning_modules.teacher import TeacherModule, check_finite_losses
+from lightning_modules.teacher import TeacherModule, check_finite_losses, with_code_corrections
 from models.adapters import FeatureAdapter
 from models.camera import pixel_radius
+from models.codes import FrameCodeCorrections
 from models.losses import (
     albedo_distillation_loss,
     deformation_distillation_loss,
@@ -74,7 +75,7 @@ from models.rasterizer import PointRasterizer
 from models.student import CanonicalForward, Student, StudentCanonical
 from models.teacher import CanonicalOutput, PointAvatarTeacher
 
-__all__ = ["DistillModule", "load_student", "student_flop_target"]
+__all__ = ["DistillModule", "load_code_corrections", "load_student", "student_flop_target"]
 
 DEFAULT_LOSS_WEIGHTS = {"gt": 1.0, "out": 1.0, "feat": 1.0, "graph": 1.0}
 DEFAULT_GT_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2}
@@ -94,6 +95,14 @@ def load_student(path: str, map_location: str | torch.device = "cpu") -> Student
     student.load_state_dict(entry["state_dict"])
     student.recalibrate_batchnorm()  # exact statistics, also for checkpoints made before the stage did it
     return student
+
+
+def load_code_corrections(path: str, map_location: str | torch.device = "cpu") -> FrameCodeCorrections | None:
+    """The teacher's per-frame code corrections saved in a distillation checkpoint (frozen), or None
+    when its teacher was fitted without code refinement (GAR stage)."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    codes = FrameCodeCorrections.from_state_dict(checkpoint.get("state_dict", {}), "codes.")
+    return codes.requires_grad_(False) if codes is not None else None
 
 
 class _StudentFrame(torch.nn.Module):
@@ -223,8 +232,14 @@ class DistillModule(pl.LightningModule):
         self.gt_weights = {**DEFAULT_GT_WEIGHTS, **(gt_weights or {})}
 
         path = upstream_checkpoint(teacher_ckpt, "teacher", "teacher_ckpt")
-        self.teacher: PointAvatarTeacher = TeacherModule.load_from_checkpoint(path, map_location="cpu").teacher
+        teacher_module = TeacherModule.load_from_checkpoint(path, map_location="cpu")
+        self.teacher: PointAvatarTeacher = teacher_module.teacher
         self.teacher.requires_grad_(False).eval()
+        # the teacher's corrected codes of the training frames (None: fitted without code refinement);
+        # saved with the student, so the GAR trains on them too
+        self.codes: FrameCodeCorrections | None = teacher_module.codes
+        if self.codes is not None:
+            self.codes.requires_grad_(False)
         if self.teacher.expression_dim != expression_dim:
             raise ValueError(
                 f"the dataset's expression_dim {expression_dim} differs from the teacher's "
@@ -279,6 +294,7 @@ class DistillModule(pl.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        batch = with_code_corrections(batch, self.codes)  # the teacher's fitted codes of its training frames
         canonical = self.student.canonical()
         s_out, s_raster = self.render_student(batch, canonical)
         s_rgb = s_raster.image[:, :3]

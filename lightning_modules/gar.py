@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.distill import load_student
+from lightning_modules.distill import load_code_corrections, load_student
 from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
@@ -52,7 +52,7 @@ from lightning_modules.metrics import (
     time_per_frame,
 )
 from lightning_modules.run_folder import upstream_checkpoint
-from lightning_modules.teacher import check_finite_losses
+from lightning_modules.teacher import check_finite_losses, with_code_corrections
 from models.camera import pixel_radius, rotate_normals
 from models.discriminator import MultiScalePatchDiscriminator
 from models.encoder import InverseEncoder, NormalEstimator
@@ -168,6 +168,8 @@ class GARModule(pl.LightningModule):
 
         path = upstream_checkpoint(student_ckpt, "distill", "student_ckpt")
         self.student = load_student(str(path)).requires_grad_(False).eval()
+        # the teacher's corrected codes of the training frames, through the student's checkpoint
+        self.codes = load_code_corrections(str(path))
         if self.student.expression_dim != expression_dim:
             raise ValueError(
                 f"the dataset's expression_dim {expression_dim} differs from the student's "
@@ -259,6 +261,7 @@ class GARModule(pl.LightningModule):
         return self.trainer.fit_loop.total_batch_idx
 
     def training_step(self, batch, batch_idx):
+        batch = with_code_corrections(batch, self.codes)  # the teacher's fitted codes of its training frames
         opt_g, opt_d, opt_n = self.optimizers()
         w = self.loss_weights
         kind = self.hparams.gan_loss

@@ -40,6 +40,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from lightning_modules.flops import multiply_adds  # re-exported: the refined rows' FLOP counter
+from models.camera import axis_angle_to_matrix
 
 __all__ = [
     "BASELINES",
@@ -186,14 +187,9 @@ class Baselines(nn.Module):
 
 # -- the refined protocol --------------------------------------------------------------------------
 def small_rotation(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices exp([w]_x) of axis-angle vectors (B, 3) -> (B, 3, 3), differentiable at 0."""
-    zero = torch.zeros_like(rotvec[:, 0])
-    skew = torch.stack([
-        torch.stack([zero, -rotvec[:, 2], rotvec[:, 1]], -1),
-        torch.stack([rotvec[:, 2], zero, -rotvec[:, 0]], -1),
-        torch.stack([-rotvec[:, 1], rotvec[:, 0], zero], -1),
-    ], 1)  # (B, 3, 3)
-    return torch.linalg.matrix_exp(skew)
+    """Rotation matrices exp([w]_x) of axis-angle vectors (B, 3) -> (B, 3, 3), differentiable at 0
+    (:func:`models.camera.axis_angle_to_matrix`)."""
+    return axis_angle_to_matrix(rotvec)
 
 
 class RefinedCodes:

@@ -6,7 +6,23 @@ A thin LightningModule around :class:`models.teacher.PointAvatarTeacher` and
 VGG term whose weights cannot be downloaded here):
 
     L = w_rgb L1(render, GT on white) + w_mask L1(alpha, mask) + w_ssim (1 - SSIM)
-        + w_eikonal (|grad SDF| - 1)^2 + w_blendshape |B|^2
+        + w_eikonal (|grad SDF| - 1)^2 + w_sdf_consistency SDF(x)^2 + w_blendshape sum_e w_e |B_e|^2
+        + w_code_prior prior(corrections)
+
+PointAvatar's training ingredients beyond the losses, each switchable from the config:
+
+* ``code_refinement`` (PointAvatar's ``optimize_expression``/``optimize_camera``): learnable
+  per-frame corrections of the training frames' expression codes and head poses
+  (:class:`models.codes.FrameCodeCorrections`, their own learning rate ``codes_lr``, a prior tying
+  them to tracking), saved in the checkpoint; the distillation and GAR stages train on the corrected
+  codes of those frames (:func:`with_code_corrections`). Val and test frames keep their tracked codes.
+* ``use_var_expression``: the blendshape prior weighted by 1 / var_e of the training codes.
+* ``use_mean_expression``: the canonical expression psi_c = the mean training expression.
+* ``normalize_expression``: the deformer learns its blendshapes per training standard deviation of
+  each code component (:meth:`~models.teacher.PointAvatarTeacher.set_expression_scale`); the
+  blendshape prior then applies to that displacement per standard deviation. Without it the
+  blendshape of a component learns in proportion to its variance: our PCA codes span a 200x range
+  of variances, and in the CPU budget every component but the first few stayed at a millimetre.
 
 Point schedule (PointAvatar): every ``prune_every_epochs`` epochs, points whose accumulated
 composited weight over that period stays below the threshold are deactivated (visibility summed
@@ -16,6 +32,8 @@ by the epoch, identical on every rank) and the radius shrinks by 0.75.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import lightning.pytorch as pl
 import torch
@@ -28,11 +46,50 @@ from lightning_modules.metrics import (
     time_per_frame,
 )
 from models.camera import pixel_radius
-from models.losses import blendshape_regularization, eikonal_loss, mask_loss, masked_l1, ssim_loss
+from models.codes import FrameCodeCorrections
+from models.losses import (
+    blendshape_regularization,
+    eikonal_loss,
+    mask_loss,
+    masked_l1,
+    sdf_consistency_loss,
+    ssim_loss,
+)
 from models.rasterizer import PointRasterizer, RasterOutput
 from models.teacher import CanonicalOutput, PointAvatarTeacher
 
-__all__ = ["TeacherModule", "check_finite_losses"]
+__all__ = ["TeacherModule", "check_finite_losses", "with_code_corrections"]
+
+#: The teacher's loss terms and their default weights (PointAvatar's, but for the blendshape prior,
+#: which has no FLAME target here, and the code prior, which PointAvatar leaves to its learning rate).
+DEFAULT_LOSS_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2, "eikonal": 0.1, "sdf_consistency": 1.0,
+                        "blendshape": 1e-3, "code_prior": 1e-2}
+
+
+def with_code_corrections(batch, codes: FrameCodeCorrections | None):
+    """``batch`` with its frames' expression codes and head poses corrected by ``codes`` (the teacher's
+    per-frame code refinement), for the frames the table holds; other frames (val, test, another
+    video) keep their tracked codes. ``codes`` None returns ``batch`` itself.
+
+    Args:
+        batch: an :class:`~datamodules.batch.AvatarBatch`.
+        codes: the teacher's :class:`~models.codes.FrameCodeCorrections`, or None.
+
+    Returns:
+        an :class:`~datamodules.batch.AvatarBatch` (a new one when anything changed).
+    """
+    if codes is None:
+        return batch
+    known = codes.has(batch.frame_index)
+    if not bool(known.any()):
+        return batch
+    expression, world_mat = batch.expression, batch.world_mat[:, :3, :4]
+    new_expression, new_world_mat = codes(batch.frame_index[known], expression[known], world_mat[known])
+    expression = expression.clone()
+    world_mat = world_mat.clone()
+    expression[known] = new_expression.to(expression.dtype)
+    world_mat[known] = new_world_mat.to(world_mat.dtype)
+    return dataclasses.replace(batch, expression=expression, world_mat=world_mat)
 
 
 def check_finite_losses(terms: dict[str, torch.Tensor], step: int) -> None:
@@ -63,8 +120,14 @@ class TeacherModule(pl.LightningModule):
         points_per_pixel: depth-nearest points composited per pixel (PointAvatar: 10).
         grow_every_epochs, prune_every_epochs: point schedule (PointAvatar: 5 and 1).
         prune_min_radius: no pruning once the splat radius is below this (PointAvatar: 0.006).
-        loss_weights: {rgb, mask, ssim, eikonal, blendshape}; 0 switches a term off.
+        loss_weights: {rgb, mask, ssim, eikonal, sdf_consistency, blendshape, code_prior}; 0
+            switches a term off (defaults: ``DEFAULT_LOSS_WEIGHTS``).
         lr, points_lr: Adam learning rates of the MLPs and of the point coordinates.
+        code_refinement, codes_lr: learn per-frame corrections of the training frames' codes, with
+            this Adam learning rate (module docstring).
+        use_var_expression, use_mean_expression: PointAvatar's switches (module docstring).
+        normalize_expression: blendshapes per standard deviation of each code (module docstring).
+        num_frequencies: positional-encoding frequencies of the geometry/albedo MLP (PointAvatar: 6).
         lr_milestones, lr_gamma: MultiStepLR over epochs (PointAvatar: [40, 60] x 0.5).
         refine_steps, refine_lr: the ``refined`` protocol (:func:`~lightning_modules.metrics.refine_codes`),
             run by ``lightning validate``/``test`` (not inside a fit); 0 steps: no refined row.
@@ -99,14 +162,21 @@ class TeacherModule(pl.LightningModule):
         lr_gamma: float = 0.5,
         refine_steps: int = 20,
         refine_lr: float = 5e-3,
+        code_refinement: bool = True,
+        codes_lr: float = 1e-3,
+        use_var_expression: bool = True,
+        use_mean_expression: bool = True,
+        normalize_expression: bool = True,
+        num_frequencies: int = 6,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        weights = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2, "eikonal": 0.1, "blendshape": 1e-3}
-        unknown = set(loss_weights or {}) - set(weights)
+        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {sorted(weights)}")
-        self.loss_weights = {**weights, **(loss_weights or {})}
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+        if not codes_lr > 0:
+            raise ValueError(f"codes_lr must be > 0, got {codes_lr}")
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         self.teacher = PointAvatarTeacher(
             expression_dim=expression_dim,
             max_points=max_points,
@@ -119,7 +189,13 @@ class TeacherModule(pl.LightningModule):
             deformer_width=deformer_width,
             deformer_depth=deformer_depth,
             shading_width=shading_width,
+            num_frequencies=num_frequencies,
         )
+        # per-frame code corrections of the training frames: built in setup("fit") from the datamodule
+        # (or from a checkpoint's shapes), None without code refinement
+        self.codes: FrameCodeCorrections | None = None
+        # var_e of the training codes (the blendshape prior's weights), set in setup("fit")
+        self.register_buffer("expression_var", torch.ones(expression_dim))
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
         if refine_steps < 0 or not refine_lr > 0:
             raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {refine_steps} and {refine_lr}")
@@ -145,19 +221,48 @@ class TeacherModule(pl.LightningModule):
         return out, raster
 
     # -- training ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """At the start of a fit: the training codes' variance (blendshape prior), the canonical
+        expression and the per-frame code table, from the datamodule's training frames (a resumed fit
+        then restores all three from its checkpoint)."""
+        if stage != "fit":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        frames = datamodule.training_frames() if hasattr(datamodule, "training_frames") else None
+        if frames is None:
+            return
+        expression = frames["expression"].double()
+        if len(expression) > 1:
+            var = expression.var(0)
+            self.expression_var.copy_(var.clamp_min(1e-8).to(self.expression_var))
+            if self.hparams.normalize_expression:  # components that never vary (static meshes) keep scale 1
+                self.teacher.set_expression_scale(torch.where(var > 1e-8, var.rsqrt(), torch.ones_like(var)).float())
+        if self.hparams.use_mean_expression:
+            self.teacher.set_canonical_expression(expression.mean(0).float())
+        if self.hparams.code_refinement and self.codes is None:
+            self.codes = FrameCodeCorrections(frames["frame_index"], self.teacher.expression_dim,
+                                              self.expression_var).to(self.device)
+
     def training_step(self, batch, batch_idx):
+        if self.codes is not None:  # the training frames' corrected codes (PointAvatar's optimize_*)
+            batch = with_code_corrections(batch, self.codes)
         # a ones channel whose gradient w.r.t. the composited image is each point's total weight
         ones = torch.ones(len(batch), self.teacher.num_active, 1, device=self.device, requires_grad=True)
         out, raster = self.render(batch, extra=ones)
         rgb, weight_image = raster.image[:, :3], raster.image[:, 3:]
         target = composite_on_white(batch.image, batch.mask)
         w = self.loss_weights
+        var = self.expression_var if self.hparams.use_var_expression else None
         terms = {
             "rgb": masked_l1(rgb, target),
             "mask": mask_loss(raster.alpha, batch.mask),
             "ssim": ssim_loss(rgb, target) if w["ssim"] > 0 else rgb.new_zeros(()),
             "eikonal": eikonal_loss(out["sdf_grad"]),
-            "blendshape": blendshape_regularization(out["blendshapes"], out["offset"]),
+            "sdf_consistency": sdf_consistency_loss(out["sdf"]),
+            # on the deformer's own output B'_e = B_e / s_e (per standard deviation when normalised)
+            "blendshape": blendshape_regularization(
+                out["blendshapes"] / self.teacher.expression_scale[None, :, None], out["offset"], var),
+            "code_prior": self.codes.prior() if self.codes is not None else rgb.new_zeros(()),
         }
         check_finite_losses(terms, self.global_step)
         loss = sum(w[name] * value for name, value in terms.items())
@@ -170,6 +275,8 @@ class TeacherModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        if self.codes is not None:  # mean correction size over the training frames
+            self.log_dict({f"teacher/codes/{k}": v for k, v in self.codes.magnitudes().items()})
         epoch = self.current_epoch + 1
         # an epoch cut short (max_steps) has not seen every frame: no schedule step on it
         if self._visibility_batches < self.trainer.num_training_batches:
@@ -276,12 +383,13 @@ class TeacherModule(pl.LightningModule):
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam(
-            [
-                {"params": self.teacher.canonical_network_parameters(), "lr": hp.lr},
-                {"params": [self.teacher.points], "lr": hp.points_lr},
-            ]
-        )
+        groups = [
+            {"params": self.teacher.canonical_network_parameters(), "lr": hp.lr},
+            {"params": [self.teacher.points], "lr": hp.points_lr},
+        ]
+        if self.codes is not None:
+            groups.append({"params": list(self.codes.parameters()), "lr": hp.codes_lr})
+        optimizer = torch.optim.Adam(groups)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -293,6 +401,13 @@ class TeacherModule(pl.LightningModule):
         checkpoint["visibility"] = {"sum": self.visibility.detach().cpu().clone(), "batches": self._visibility_batches}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        # a checkpoint from before code refinement / the canonical expression: their neutral values
+        state.setdefault("expression_var", torch.ones_like(self.expression_var))
+        state.setdefault("teacher.canonical_expression", torch.zeros_like(self.teacher.canonical_expression))
+        state.setdefault("teacher.expression_scale", torch.ones_like(self.teacher.expression_scale))
+        if self.codes is None:  # the code table's size comes from the checkpoint (no datamodule needed)
+            self.codes = FrameCodeCorrections.from_state_dict(state, "codes.")
         saved = checkpoint.get("visibility")
         if saved is not None:
             self.visibility.copy_(saved["sum"].to(self.visibility))

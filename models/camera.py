@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_homogeneous_mat", "world_to_camera", "camera_to_world", "project", "rotate_normals", "pixel_radius"]
+__all__ = [
+    "to_homogeneous_mat",
+    "world_to_camera",
+    "camera_to_world",
+    "project",
+    "rotate_normals",
+    "pixel_radius",
+    "axis_angle_to_matrix",
+    "correct_pose",
+]
 
 
 def to_homogeneous_mat(world_mat: torch.Tensor) -> torch.Tensor:
@@ -107,3 +116,44 @@ def pixel_radius(points: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor,
     """
     z = world_to_camera(points, world_mat)[..., 2].clamp_min(1e-3)  # (B, N)
     return radius * K[:, 0, 0, None] / z
+
+
+def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices exp([w]_x) of axis-angle vectors (Rodrigues), differentiable at w = 0.
+
+    Args:
+        rotvec: (B, 3) axis-angle vectors w (radians; the axis is w / |w|).
+
+    Returns:
+        (B, 3, 3) rotation matrices, same dtype as ``rotvec``.
+
+    Raises:
+        ValueError: if ``rotvec`` is not (B, 3).
+    """
+    if rotvec.dim() != 2 or rotvec.shape[-1] != 3:
+        raise ValueError(f"rotvec must be (B, 3) axis-angle vectors, got {tuple(rotvec.shape)}")
+    zero = torch.zeros_like(rotvec[:, 0])
+    skew = torch.stack([
+        torch.stack([zero, -rotvec[:, 2], rotvec[:, 1]], -1),
+        torch.stack([rotvec[:, 2], zero, -rotvec[:, 0]], -1),
+        torch.stack([-rotvec[:, 1], rotvec[:, 0], zero], -1),
+    ], 1)  # (B, 3, 3)
+    return torch.linalg.matrix_exp(skew)
+
+
+def correct_pose(world_mat: torch.Tensor, rotvec: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """A head-pose correction applied in canonical (head) space: [R exp([w]_x) | t + dt].
+
+    The head turns by ``rotvec`` about the canonical origin (the centre of the head), then moves
+    by ``translation`` in camera space; zero corrections return ``world_mat`` unchanged. (The
+    per-frame pose refinement of PointAvatar's training, ``optimize_camera``.)
+
+    Args:
+        world_mat: (B, 3, 4) or (B, 4, 4) world->camera; rotvec: (B, 3) radians; translation:
+            (B, 3) canonical units.
+
+    Returns:
+        (B, 3, 4) corrected world->camera matrices.
+    """
+    rot = axis_angle_to_matrix(rotvec.to(world_mat.dtype))  # (B, 3, 3)
+    return torch.cat([world_mat[:, :3, :3] @ rot, world_mat[:, :3, 3:] + translation[:, :, None]], dim=2)

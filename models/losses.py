@@ -20,6 +20,7 @@ __all__ = [
     "gaussian_ssim",
     "masked_l1",
     "mask_loss",
+    "sdf_consistency_loss",
     "ssim_loss",
 ]
 
@@ -105,13 +106,56 @@ def eikonal_loss(sdf_gradient: torch.Tensor) -> torch.Tensor:
     return ((sdf_gradient.float().norm(dim=-1) - 1.0) ** 2).mean()
 
 
-def blendshape_regularization(blendshapes: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+def sdf_consistency_loss(sdf: torch.Tensor) -> torch.Tensor:
+    """SDF consistency mean(sdf(x)^2) at the canonical points x (PointAvatar, Sec. 3.4; weight 1.0).
+
+    The points are meant to lie on the zero level set of the SDF whose gradient gives their normals;
+    the SDF is evaluated at detached points, so this term moves the SDF to the points, not the
+    points to the SDF.
+
+    Args:
+        sdf: (N, 1) or (N,) SDF values at the canonical points (canonical units).
+
+    Returns:
+        scalar float32 (canonical units squared).
+    """
+    return sdf.float().pow(2).mean()
+
+
+def blendshape_regularization(
+    blendshapes: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    expression_var: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean squared magnitude of the per-point blendshapes (N, E, 3) and offsets (N, 3).
 
     PointAvatar regularises its blendshapes towards those of the nearest FLAME vertex; our head
     model has no template, so the prior is zero (small deformations unless the images ask for them).
+    With ``expression_var`` (PointAvatar's ``use_var_expression``) blendshape e is weighted by
+    w_e = (1 / var_e) / mean_e(1 / var_e): a weaker prior where the training expression varies
+    more, the same total weight as the unweighted prior for equal variances:
+
+        L = mean_{n,e} w_e |B_e(x_n)|^2 + mean_n |o(x_n)|^2
+
+    Args:
+        blendshapes: (N, E, 3); offset: optional (N, 3); expression_var: optional (E,) variances of
+            the training expression codes (> 0).
+
+    Returns:
+        scalar float32.
+
+    Raises:
+        ValueError: if ``expression_var`` is not (E,) or not positive.
     """
-    loss = blendshapes.float().pow(2).sum(-1).mean()
+    squared = blendshapes.float().pow(2).sum(-1)  # (N, E)
+    if expression_var is not None:
+        var = expression_var.float().to(squared.device)
+        if var.shape != squared.shape[-1:] or not bool((var > 0).all()):
+            raise ValueError(f"expression_var must be ({squared.shape[-1]},) positive variances, got "
+                             f"{tuple(var.shape)} with min {float(var.min()) if var.numel() else 'n/a'}")
+        inverse = 1.0 / var
+        squared = squared * (inverse / inverse.mean())
+    loss = squared.mean()
     if offset is not None:
         loss = loss + offset.float().pow(2).sum(-1).mean()
     return loss

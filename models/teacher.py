@@ -163,8 +163,10 @@ class CanonicalOutput:
         indices: (N,) int64 rows of the model's buffer, or None for external points.
         sdf: (N, 1); albedo: (N, 3); feature: (N, 256) f_t; sdf_grad: (N, 3); normals: (N, 3)
             (``sdf_grad``/``normals`` None when computed without normals).
-        blendshapes: (N, E, 3) expression blendshapes B_e(x).
-        offset: (N, 3) canonical offset o(x).
+        blendshapes: (N, E, 3) expression blendshapes B_e(x) = s_e B'_e(x), per unit of the raw code
+            (s_e the expression scale, one unless set: :meth:`PointAvatarTeacher.set_expression_scale`).
+        offset: (N, 3) canonical offset o(x) - sum_e psi_c,e B_e(x) (psi_c the canonical
+            expression, zero unless set: :meth:`PointAvatarTeacher.set_canonical_expression`).
     """
 
     points: torch.Tensor
@@ -490,6 +492,12 @@ class PointAvatarTeacher(nn.Module):
         )
         self.deformer = DeformerNetwork(expression_dim, width=deformer_width, depth=deformer_depth)
         self.shading = ShadingNetwork(width=shading_width, depth=shading_depth)
+        # psi_c: the expression the canonical points are in (PointAvatar's use_mean_expression sets it
+        # to the mean training expression); zero = the tracker's neutral
+        self.register_buffer("canonical_expression", torch.zeros(expression_dim))
+        # s_e: the deformer's blendshapes are per unit of s_e psi_e (1 / the training standard deviation
+        # of each code component when normalised: every component learns at one rate); ones = raw codes
+        self.register_buffer("expression_scale", torch.ones(expression_dim))
 
     # ------------------------------------------------------------------ point set
 
@@ -510,6 +518,45 @@ class PointAvatarTeacher(nn.Module):
     def active_points(self) -> torch.Tensor:
         """(N, 3) active canonical points, attached to the ``points`` parameter."""
         return self.points[self.active_indices()]
+
+    @torch.no_grad()
+    def set_canonical_expression(self, expression: torch.Tensor) -> None:
+        """Set psi_c, the expression of the canonical points (PointAvatar's ``use_mean_expression``:
+        the mean training expression).
+
+        Deformation becomes x' = x + o(x) + sum_e (psi_e - psi_c,e) B_e(x); :meth:`canonical` folds
+        the constant part into its ``offset`` (o - sum_e psi_c,e B_e), so every consumer of the
+        canonical outputs (the per-frame path, the student's distillation targets, export) is unchanged.
+
+        Args:
+            expression: (E,) float.
+
+        Raises:
+            ValueError: if the shape is not (E,).
+        """
+        if expression.shape != (self.expression_dim,):
+            raise ValueError(f"canonical expression must be ({self.expression_dim},), got {tuple(expression.shape)}")
+        self.canonical_expression.copy_(expression.to(self.canonical_expression))
+
+    @torch.no_grad()
+    def set_expression_scale(self, scale: torch.Tensor) -> None:
+        """Set s_e, the scale of each expression component at the deformer's input.
+
+        The deformer's blendshape head predicts B'_e, the displacement per unit of s_e psi_e;
+        :meth:`canonical` returns B_e = s_e B'_e, so deformation stays x' = x + o + sum_e psi_e B_e for
+        every consumer. With s_e = 1 / std_e of the training codes, a component that varies a hundred
+        times less than the first (the PCA's tail) is no longer a hundred times slower to learn.
+
+        Args:
+            scale: (E,) positive float.
+
+        Raises:
+            ValueError: if the shape is not (E,) or a scale is not positive.
+        """
+        if scale.shape != (self.expression_dim,) or not bool((scale > 0).all()):
+            raise ValueError(f"expression scale must be ({self.expression_dim},) positive values, got "
+                             f"{tuple(scale.shape)}")
+        self.expression_scale.copy_(scale.to(self.expression_scale))
 
     def canonical_network_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of geometry + deformer + shading MLPs (not the point coordinates)."""
@@ -675,6 +722,10 @@ class PointAvatarTeacher(nn.Module):
             points, compute_normals=compute_normals, create_graph=create_graph, method=method
         )
         blendshapes, offset = self.deformer(points)  # deformer input keeps the points' graph
+        if not bool((self.expression_scale == 1).all()):  # B_e = s_e B'_e: per unit of the raw code
+            blendshapes = blendshapes * self.expression_scale.to(blendshapes.dtype)[None, :, None]
+        if bool(self.canonical_expression.any()):  # psi_c folded in: x' = x + (o - sum psi_c B) + sum psi B
+            offset = offset - torch.einsum("e,nec->nc", self.canonical_expression.to(offset.dtype), blendshapes)
         return CanonicalOutput(
             points=points,
             indices=indices,

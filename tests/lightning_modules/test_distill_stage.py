@@ -221,3 +221,43 @@ def test_a_checkpoint_without_validation_still_holds_its_clouds_statistics(teach
             evaluated = student.eval().canonical()
             trained = student.train().canonical()
         torch.testing.assert_close(evaluated.normals, trained.normals, rtol=1e-4, atol=1e-5)
+
+
+class _Captured(Exception):
+    """Stops a training step once the batch it renders is seen."""
+
+
+def test_distillation_and_gar_train_on_the_teachers_fitted_codes(teacher_run, distill_run):
+    """The teacher's per-frame code corrections reach the distillation (through the teacher checkpoint)
+    and the GAR (through the student checkpoint): a training batch is rendered from the corrected
+    codes, never re-tracked."""
+    from datamodules.mesh_views import MeshViewsDataModule
+    from lightning_modules.distill import load_code_corrections
+    from lightning_modules.gar import GARModule
+
+    teacher_ckpt = teacher_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(teacher_ckpt, weights_only=False)["state_dict"]
+    module = DistillModule(expression_dim=4, image_size=32, teacher_ckpt=str(teacher_ckpt))
+    assert torch.equal(module.codes.rotation, saved["codes.rotation"])
+    assert not any(p.requires_grad for p in module.codes.parameters())
+    with torch.no_grad():
+        module.codes.translation.fill_(0.25)
+    seen = []
+
+    def capture(batch, canonical):
+        seen.append(batch)
+        raise _Captured
+
+    module.render_student = capture
+    batch = next(iter(MeshViewsDataModule(num_views=8, image_size=32, expression_dim=4,
+                                          samples=5000).train_dataloader()))
+    with pytest.raises(_Captured):
+        module.training_step(batch, 0)
+    torch.testing.assert_close(seen[0].world_mat[:, :, 3], batch.world_mat[:, :, 3] + 0.25)
+
+    student_ckpt = distill_run / "checkpoints" / "last.ckpt"
+    codes = load_code_corrections(str(student_ckpt))
+    assert torch.equal(codes.frame_numbers, saved["codes.frame_numbers"])
+    assert torch.equal(codes.expression, saved["codes.expression"])
+    gar = GARModule(expression_dim=4, image_size=32, student_ckpt=str(student_ckpt))
+    assert torch.equal(gar.codes.translation, saved["codes.translation"])

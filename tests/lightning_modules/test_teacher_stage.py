@@ -167,13 +167,94 @@ def test_teacher_error_decomposition_by_hand():
 def test_teacher_errors_on_a_run(teacher_run, capsys):
     from benchmarks.teacher_errors import main
 
-    result = main(["--run", str(teacher_run), "--split", "val"])
+    result = main(["--run", str(teacher_run), "--no-mouth"])
+    assert result["checkpoint"] == "best.ckpt"  # chosen on val, what the demo hands downstream
+    assert set(result["splits"]) == {"train", "val", "test"}
+    train, val = result["splits"]["train"], result["splits"]["val"]
+    # the train split: tracked and fitted codes, and no nearest-frame baseline (it would be the frame itself)
+    assert {"teacher", "teacher_fitted", "baseline_mean"} <= set(train) and "baseline_nearest" not in train
     for model in ("teacher", "baseline_mean", "baseline_nearest"):
-        r = result[model]
+        r = val[model]
         assert r["mse"] == pytest.approx(r["mse_outside"] + r["mse_band"] + r["mse_interior"], rel=1e-5)
-        assert len(r["frame_psnr"]) == result["frames"] > 0
+        assert len(r["frame_psnr"]) == val["frames"] > 0
     # the baselines predict their own silhouette: they pay for it outside the mask, unless perfect
-    assert result["baseline_mean"]["mse_outside"] > 0.0
+    assert val["baseline_mean"]["mse_outside"] > 0.0
     # with the ground-truth mask imposed, only the colours inside are left to differ
-    assert result["baseline_nearest"]["psnr_gt_mask"] >= result["baseline_nearest"]["psnr"]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "val"
+    assert val["baseline_nearest"]["psnr_gt_mask"] >= val["baseline_nearest"]["psnr"]
+    assert "mouth" not in result
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]["val"]["frames"] == val["frames"]
+
+
+def test_mouth_correlation_scores_the_re_tracked_series(monkeypatch):
+    """The teacher's mouth figure: Pearson r of the renders' and the frames' re-tracked openings (a
+    frame without a face in either is left out), against the 0.6 target."""
+    import benchmarks.reenact as reenact
+    from benchmarks.teacher_errors import mouth_correlation
+    from datamodules.batch import AvatarBatch
+
+    series = iter([[0.1, 0.2, 0.3, None, 0.5], [0.12, 0.18, 0.33, 0.4, None]])  # frames, then renders
+    monkeypatch.setattr(reenact, "track_openings", lambda frames, upscale: next(series))
+    n = 5
+    batch = AvatarBatch(image=torch.rand(n, 3, 8, 8), mask=torch.ones(n, 1, 8, 8), world_mat=torch.zeros(n, 3, 4),
+                        K=torch.zeros(n, 3, 3), expression=torch.zeros(n, 2), frame_index=torch.arange(n))
+    out = mouth_correlation(torch.rand(n, 3, 8, 8), batch)
+    a, b = [0.1, 0.2, 0.3], [0.12, 0.18, 0.33]
+    assert out["pairs"] == 3
+    assert out["pearson_r"] == pytest.approx(float(torch.corrcoef(torch.tensor([a, b], dtype=torch.float64))[0, 1]))
+    assert out["target_r"] == 0.6 and out["passes"] is True
+
+
+def test_fit_saves_the_code_corrections_of_the_training_frames(teacher_run):
+    """Code refinement (on by default): the checkpoint holds one correction per training view of the
+    tiny head (its datamodule's training frames), the codes' variance and the canonical expression, and the fit
+    logs the mean correction size."""
+    from datamodules.mesh_views import MeshViewsDataModule
+
+    ckpt = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)
+    state = ckpt["state_dict"]
+    dm = MeshViewsDataModule(num_views=8, image_size=32, expression_dim=4, samples=5000)
+    assert state["codes.frame_numbers"].tolist() == dm.training_frames()["frame_index"].tolist() == [0, 2, 4, 6]
+    assert state["codes.expression"].shape == (4, 4) and state["codes.rotation"].shape == (4, 3)
+    assert state["expression_var"].shape == (4,) and state["teacher.canonical_expression"].shape == (4,)
+    header = (teacher_run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"teacher/codes/expression", "teacher/codes/rotation_deg", "teacher/codes/translation",
+            "teacher/train/sdf_consistency", "teacher/train/code_prior"} <= set(header)
+    loaded = TeacherModule.load_from_checkpoint(teacher_run / "checkpoints" / "last.ckpt")
+    assert loaded.codes is not None and loaded.codes.num_frames == 4
+    assert torch.equal(loaded.codes.rotation, state["codes.rotation"])
+
+
+def test_a_checkpoint_from_before_code_refinement_still_loads(teacher_run, tmp_path):
+    """Older teacher checkpoints lack the code table, expression_var, the canonical expression and the
+    expression scale: they load with no corrections and the neutral values (their behaviour)."""
+    ckpt = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items()
+                          if not k.startswith("codes.")
+                          and k not in ("expression_var", "teacher.canonical_expression", "teacher.expression_scale")}
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    module = TeacherModule.load_from_checkpoint(old)
+    assert module.codes is None
+    assert torch.equal(module.expression_var, torch.ones(4))
+    assert torch.count_nonzero(module.teacher.canonical_expression) == 0
+    assert torch.equal(module.teacher.expression_scale, torch.ones(4))
+
+
+def test_with_code_corrections_changes_only_the_frames_it_holds():
+    from datamodules.batch import AvatarBatch
+    from lightning_modules.teacher import with_code_corrections
+    from models.codes import FrameCodeCorrections
+
+    codes = FrameCodeCorrections(torch.tensor([4, 8]), expression_dim=2)
+    with torch.no_grad():
+        codes.expression[1] = torch.tensor([1.0, -1.0])  # frame 8
+        codes.translation[1] = torch.tensor([0.0, 0.0, 0.5])
+    world_mat = torch.eye(4)[:3].expand(3, 3, 4).clone()
+    batch = AvatarBatch(image=torch.zeros(3, 3, 2, 2), mask=torch.zeros(3, 1, 2, 2), world_mat=world_mat,
+                        K=torch.eye(3).expand(3, 3, 3), expression=torch.zeros(3, 2),
+                        frame_index=torch.tensor([8, 5, 4]))  # frame 5: held out
+    out = with_code_corrections(batch, codes)
+    assert out.expression.tolist() == [[1.0, -1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert out.world_mat[:, 2, 3].tolist() == [0.5, 0.0, 0.0]
+    assert torch.equal(batch.expression, torch.zeros(3, 2))  # the input batch is left as it was
+    assert with_code_corrections(batch, None) is batch

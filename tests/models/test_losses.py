@@ -12,6 +12,7 @@ from models.losses import (
     gaussian_ssim,
     mask_loss,
     masked_l1,
+    sdf_consistency_loss,
     ssim_loss,
 )
 
@@ -61,3 +62,35 @@ def test_blendshape_regularization_value():
     # mean over (N, E) of the squared norm: 25 / (2 * 3)
     assert blendshape_regularization(blend).item() == pytest.approx(25 / 6)
     assert blendshape_regularization(blend, offset).item() == pytest.approx(25 / 6 + 1 / 2)
+
+
+def test_blendshape_regularization_weighted_by_expression_variance():
+    """use_var_expression: w_e = (1/var_e) / mean(1/var), so var = (1, 4) weighs the first blendshape
+    1.6 and the second 0.4; equal variances give the unweighted prior."""
+    blend = torch.zeros(1, 2, 3)
+    blend[0, 0] = torch.tensor([1.0, 0.0, 0.0])  # |B_0|^2 = 1
+    blend[0, 1] = torch.tensor([0.0, 2.0, 0.0])  # |B_1|^2 = 4
+    # mean over (N=1, E=2) of w_e |B_e|^2 = (1.6 * 1 + 0.4 * 4) / 2
+    assert blendshape_regularization(blend, expression_var=torch.tensor([1.0, 4.0])).item() == pytest.approx(1.6)
+    assert blendshape_regularization(blend, expression_var=torch.tensor([3.0, 3.0])).item() == pytest.approx(2.5)
+    assert blendshape_regularization(blend).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="expression_var"):
+        blendshape_regularization(blend, expression_var=torch.tensor([1.0, 0.0]))
+
+
+def test_sdf_consistency_golden_value_and_gradient():
+    """PointAvatar's SDF consistency mean(sdf^2) on fixed values, and its gradient 2 sdf / N."""
+    sdf = torch.tensor([[0.1], [-0.2], [0.0], [0.3]], requires_grad=True)
+    loss = sdf_consistency_loss(sdf)
+    assert loss.item() == pytest.approx((0.01 + 0.04 + 0.0 + 0.09) / 4)
+    loss.backward()
+    torch.testing.assert_close(sdf.grad, 2.0 * sdf.detach() / 4)
+
+
+def test_sdf_consistency_is_zero_on_the_zero_level_set_of_a_sphere():
+    """Points on the sphere |x| = 0.5 under the SDF |x| - 0.5 score 0; a radius off by 0.1 scores 0.01."""
+    from models.teacher import fibonacci_sphere
+
+    points = fibonacci_sphere(64, 0.5, dtype=torch.float64)
+    assert sdf_consistency_loss(points.norm(dim=-1, keepdim=True) - 0.5).item() == pytest.approx(0.0, abs=1e-12)
+    assert sdf_consistency_loss(points.norm(dim=-1, keepdim=True) - 0.4).item() == pytest.approx(0.01)

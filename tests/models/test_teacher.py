@@ -230,6 +230,41 @@ def test_deformation_formula_and_linearity_in_expression():
     assert (can.blendshapes - can.blendshapes[:1]).abs().max() > 1e-4
 
 
+def test_canonical_expression_deforms_relative_to_it():
+    """use_mean_expression: with psi_c set, x' = x + o + sum_e (psi_e - psi_c,e) B_e, folded into the
+    canonical offset; psi = psi_c gives x + o, and the state dict carries psi_c."""
+    model = small_teacher()
+    randomise_deformer_heads(model)
+    plain = model.canonical()
+    psi_c = torch.linspace(-1.0, 1.0, E)
+    model.set_canonical_expression(psi_c)
+    folded = model.canonical()
+    torch.testing.assert_close(folded.blendshapes, plain.blendshapes)
+    expr = torch.randn(2, E)
+    torch.testing.assert_close(model.deform(folded, expr), model.deform(plain, expr - psi_c), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.deform(folded, psi_c[None])[0], plain.points + plain.offset, atol=1e-6, rtol=1e-6)
+    assert torch.equal(model.state_dict()["canonical_expression"], psi_c)
+    with pytest.raises(ValueError, match=r"canonical expression must be \(5,\)"):
+        model.set_canonical_expression(torch.zeros(E + 1))
+
+
+def test_expression_scale_makes_blendshapes_per_unit_of_the_scaled_code():
+    """normalize_expression: the deformer predicts B'_e per unit of s_e psi_e; canonical() returns
+    B_e = s_e B'_e, so the deformation of raw codes is x + o + sum_e s_e psi_e B'_e."""
+    model = small_teacher()
+    randomise_deformer_heads(model)
+    plain = model.canonical()
+    scale = torch.tensor([1.0, 2.0, 4.0, 0.5, 10.0])
+    model.set_expression_scale(scale)
+    scaled = model.canonical()
+    torch.testing.assert_close(scaled.blendshapes, plain.blendshapes * scale[None, :, None])
+    torch.testing.assert_close(scaled.offset, plain.offset)
+    expr = torch.randn(2, E)
+    torch.testing.assert_close(model.deform(scaled, expr), model.deform(plain, expr * scale), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        model.set_expression_scale(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]))
+
+
 def test_shading_uses_camera_space_normals_and_clamps():
     model = small_teacher()
     can = model.canonical()
