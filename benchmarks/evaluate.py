@@ -113,8 +113,49 @@ def format_evaluation(result: Mapping[str, Any]) -> str:
         lines += _table(values) + [""]
         from lightning_modules.report import verdicts
 
-        lines += [f"- {line}" for line in verdicts(report)] + [""]
+        lines += [f"- {line}" for line in verdicts(report)]
+        diagnosis = (result.get("diagnosis") or {}).get(subject)
+        if diagnosis:
+            lines.append(f"- {diagnosis_line(diagnosis)}")
+        lines.append("")
     return "\n".join(lines)
+
+
+def teacher_diagnosis(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The teacher's fit on its training frames and its test mouth (:mod:`benchmarks.teacher_errors`)
+    for the checkpoint a demo selected, or None when the report names none."""
+    ckpt = (report.get("selected_checkpoints") or {}).get("teacher")
+    if not ckpt:
+        return None
+    from benchmarks.teacher_errors import main as teacher_errors
+
+    path = Path(ckpt)
+    args = ["--run", str(path.parent.parent), "--ckpt", path.stem, "--no-refined"]
+    result = teacher_errors(args)
+    train = result["splits"].get("train", {})
+    mouth = result.get("mouth") or {}
+    return {
+        "command": "python -m benchmarks.teacher_errors " + " ".join(args),
+        "train_full_psnr": train.get("teacher", {}).get("psnr"),
+        "train_face_psnr": train.get("teacher", {}).get("psnr_gt_mask"),
+        "train_fitted_face_psnr": train.get("teacher_fitted", {}).get("psnr_gt_mask"),
+        "mouth_r": mouth.get("pearson_r"),
+        "mouth_pairs": mouth.get("pairs"),
+        "mouth_target_r": mouth.get("target_r"),
+    }
+
+
+def diagnosis_line(diagnosis: Mapping[str, Any]) -> str:
+    """One line of eval.md from :func:`teacher_diagnosis`."""
+    def db(value):
+        return "n/a" if value is None else f"{value:.2f} dB"
+
+    fitted = diagnosis.get("train_fitted_face_psnr")
+    r = diagnosis.get("mouth_r")
+    return (f"teacher on its training frames: face {db(diagnosis.get('train_face_psnr'))}, full "
+            f"{db(diagnosis.get('train_full_psnr'))}" + (f" (fitted codes: face {db(fitted)})" if fitted is not None else "")
+            + f"; test mouth-opening r {'n/a' if r is None else f'{r:.2f}'} over {diagnosis.get('mouth_pairs') or 0} "
+            f"frames (target >= {diagnosis.get('mouth_target_r') or 0.6}); `{diagnosis['command']}`.")
 
 
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -150,6 +191,7 @@ def run_evaluation(
     overrides: str = "cpu_demo",
     run: Callable[..., dict] | None = None,
     log: Callable[[str], Any] | None = None,
+    diagnose: Callable[[Mapping[str, Any]], dict | None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo on each video and write ``OUT/eval.md`` and ``OUT/eval.json``.
 
@@ -159,9 +201,11 @@ def run_evaluation(
         overrides: the demo's override set.
         run: the demo function (default :func:`lightning_modules.demo.run_demo`; tests pass a stand-in).
         log: progress lines (default: print).
+        diagnose: report -> the teacher's diagnosis (default :func:`teacher_diagnosis`).
 
     Returns:
-        ``{"subjects": {subject: report}, "mean": ..., "times_s": {subject: s}, "reports": {subject: path}}``.
+        ``{"subjects": {subject: report}, "mean": ..., "times_s": {subject: s}, "reports": {subject: path},
+        "diagnosis": {subject: dict or None}}``.
 
     Raises:
         ValueError: no video, or two videos with the same subject name.
@@ -176,15 +220,17 @@ def run_evaluation(
     if len(set(names)) != len(names):
         raise ValueError(f"two videos share a subject name: {names}")
     out = Path(out)
-    reports, times, paths = {}, {}, {}
+    diagnose = diagnose or teacher_diagnosis
+    reports, times, paths, diagnoses = {}, {}, {}, {}
     for name, video in zip(names, videos):
         log(f"\n#### evaluate: subject {name} ({video or 'the default carphone clip'})")
         start = time.perf_counter()
         reports[name] = run(out / name, video=video, overrides=overrides)
         times[name] = time.perf_counter() - start
         paths[name] = str(out / name / "report.md")
+        diagnoses[name] = diagnose(reports[name])
     result = {"subjects": reports, "mean": mean_over_subjects(reports), "times_s": times, "reports": paths,
-              "out": str(out)}
+              "diagnosis": diagnoses, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     (out / "eval.md").write_text(format_evaluation(result))

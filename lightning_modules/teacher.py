@@ -162,11 +162,11 @@ class TeacherModule(pl.LightningModule):
         lr_gamma: float = 0.5,
         refine_steps: int = 20,
         refine_lr: float = 5e-3,
-        code_refinement: bool = True,
+        code_refinement: bool = False,
         codes_lr: float = 1e-3,
         use_var_expression: bool = True,
         use_mean_expression: bool = True,
-        normalize_expression: bool = True,
+        normalize_expression: bool = False,
         num_frequencies: int = 6,
     ) -> None:
         super().__init__()

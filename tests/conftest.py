@@ -38,12 +38,13 @@ def run_stage(*args: str):
 def teacher_run(tmp_path_factory) -> Path:
     """A real teacher run on the tiny head after one step (``--trainer.max_steps=1``): its run folder.
 
-    The later stages' tests load ``<run>/checkpoints/last.ckpt``.
+    Fitted with per-frame code refinement (off by default), so the later stages' tests, which load
+    ``<run>/checkpoints/last.ckpt``, also carry the code table through distillation and GAR.
     """
     run_dir = tmp_path_factory.mktemp("runs") / "teacher_1step"
     run_stage(
         "fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
-        "--trainer.max_steps=1", "--run_dir", str(run_dir),
+        "--model.init_args.code_refinement=true", "--trainer.max_steps=1", "--run_dir", str(run_dir),
     )
     return run_dir
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"

@@ -74,3 +74,23 @@ def test_readme_block_is_replaced_and_nothing_else(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "eval"), "--write-readme", str(tmp_path / "plain.md")]) == 2
     assert "no <!-- results:begin -->" in capsys.readouterr().err
     assert (tmp_path / "plain.md").read_text() == "no block\n"
+
+
+def test_the_teachers_diagnosis_reaches_eval_md(tmp_path):
+    """Each subject's teacher diagnosis (train-frame fit, test mouth r) is one line of eval.md, its
+    command included; a subject without one gets no line."""
+    diagnoses = iter([
+        {"command": "python -m benchmarks.teacher_errors --run R --ckpt best --no-refined", "train_full_psnr": 25.5,
+         "train_face_psnr": 27.25, "train_fitted_face_psnr": None, "mouth_r": 0.734, "mouth_pairs": 23,
+         "mouth_target_r": 0.6},
+        None,
+    ])
+    result = run_evaluation([None, "clips/akiyo_cif.mp4"], tmp_path / "eval",
+                            run=lambda out, video=None, overrides="": _report(20.0, 0.05), log=lambda line: None,
+                            diagnose=lambda report: next(diagnoses))
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- teacher on its training frames"))
+    assert line == ("- teacher on its training frames: face 27.25 dB, full 25.50 dB; test mouth-opening r 0.73 over "
+                    "23 frames (target >= 0.6); `python -m benchmarks.teacher_errors --run R --ckpt best --no-refined`.")
+    assert md.count("teacher on its training frames") == 1
+    assert result["diagnosis"]["akiyo_cif"] is None

@@ -205,7 +205,7 @@ def test_mouth_correlation_scores_the_re_tracked_series(monkeypatch):
 
 
 def test_fit_saves_the_code_corrections_of_the_training_frames(teacher_run):
-    """Code refinement (on by default): the checkpoint holds one correction per training view of the
+    """Code refinement (``code_refinement: true``, as the fixture's fit): the checkpoint holds one correction per training view of the
     tiny head (its datamodule's training frames), the codes' variance and the canonical expression, and the fit
     logs the mean correction size."""
     from datamodules.mesh_views import MeshViewsDataModule
