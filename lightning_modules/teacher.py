@@ -23,6 +23,7 @@ PointAvatar's training ingredients beyond the losses, each switchable from the c
   blendshape prior then applies to that displacement per standard deviation. Without it the
   blendshape of a component learns in proportion to its variance: our PCA codes span a 200x range
   of variances, and in the CPU budget every component but the first few stayed at a millimetre.
+  Off by default: it lowered val PSNR (docs/teacher.md).
 
 Point schedule (PointAvatar): every ``prune_every_epochs`` epochs, points whose accumulated
 composited weight over that period stays below the threshold are deactivated (visibility summed
@@ -62,7 +63,7 @@ __all__ = ["TeacherModule", "check_finite_losses", "with_code_corrections"]
 
 #: The teacher's loss terms and their default weights: PointAvatar's, but for the blendshape prior
 #: (no FLAME target here), the code prior (PointAvatar leaves it to its learning rate) and the SDF
-#: consistency (PointAvatar: 1.0; off here: it cost 0.5 dB of val PSNR on akiyo, docs/teacher.md).
+#: consistency (PointAvatar: 1.0; off here: no val gain measured at the demo scale, docs/teacher.md).
 DEFAULT_LOSS_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2, "eikonal": 0.1, "sdf_consistency": 0.0,
                         "blendshape": 1e-3, "code_prior": 1e-2}
 
