@@ -727,6 +727,19 @@ class AvatarDataModule(pl.LightningDataModule):
         return {"image": t.images.float() / 255.0, "mask": t.masks.float(), "world_mat": t.world_mats,
                 "expression": t.expressions, "frame_index": t.frame_numbers}
 
+    def training_codes(self) -> dict[str, torch.Tensor]:
+        """The training frames' codes without their images (the teacher's expression statistics and
+        code table): {"expression": (F, E) float32, "world_mat": (F, 3, 4) float32, "frame_index": (F,)
+        int64}.
+
+        Raises:
+            RuntimeError: before ``setup()``.
+        """
+        if self.train_set is None:
+            raise RuntimeError("call setup() before training_codes()")
+        t = self.train_set
+        return {"expression": t.expressions, "world_mat": t.world_mats, "frame_index": t.frame_numbers}
+
     def split_sizes(self) -> dict[str, int]:
         """Frames per split, {"train", "val", "test"} (after ``setup()``)."""
         return {"train": len(self.train_frame_indices), "val": len(self.val_frame_indices),

@@ -190,6 +190,12 @@ class MeshViewsDataModule(pl.LightningDataModule):
         frames, idx = self.render_views(), self.split_indices("train")
         return {k: frames[k][idx] for k in ("image", "mask", "world_mat", "expression", "frame_index")}
 
+    def training_codes(self) -> dict[str, torch.Tensor]:
+        """The training views' codes without their images (expression, world_mat, frame_index;
+        :meth:`datamodules.avatar.AvatarDataModule.training_codes` has the shapes)."""
+        frames, idx = self.render_views(), self.split_indices("train")
+        return {k: frames[k][idx] for k in ("expression", "world_mat", "frame_index")}
+
     def split_sizes(self) -> dict[str, int]:
         """Views per split, {"train", "val", "test"}."""
         return {split: len(self.split_indices(split)) for split in ("train", "val", "test")}

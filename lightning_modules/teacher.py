@@ -230,9 +230,9 @@ class TeacherModule(pl.LightningModule):
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        frames = datamodule.training_frames() if hasattr(datamodule, "training_frames") else None
-        if frames is None:
+        if not hasattr(datamodule, "training_codes"):  # a datamodule without tracked training frames
             return
+        frames = datamodule.training_codes()  # codes only: no copy of the images
         expression = frames["expression"].double()
         if len(expression) > 1:
             var = expression.var(0)

@@ -130,6 +130,10 @@ def test_training_frames_are_the_training_split(carphone_dm):
     assert np.abs(frames["image"][5].numpy() - dm.train_set[5]["image"].numpy()).max() == 0
     torch.testing.assert_close(frames["world_mat"], dm.train_set.world_mats)
     torch.testing.assert_close(frames["expression"][:, 0], torch.from_numpy(dm.record.expressions[:84, 0]).float())
+    # the codes alone (the teacher's statistics and code table), the same frames in the same order
+    codes = dm.training_codes()
+    assert torch.equal(codes["frame_index"], frames["frame_index"]) and codes["frame_index"].shape == (84,)
+    assert torch.equal(codes["expression"], frames["expression"]) and torch.equal(codes["world_mat"], frames["world_mat"])
 
 
 def test_split_that_overlaps_the_pca_fit_frames_is_an_error(carphone_dm, data_root):
