@@ -101,11 +101,17 @@ def selected_checkpoint(run: Path, which: str | None = None) -> Path:
     Raises:
         SystemExit: when that checkpoint is missing (one line naming what to do).
     """
+    from lightning_modules.demo import selected_checkpoint as demo_selection
+
     folder = run / "checkpoints"
+    try:
+        if which is None:
+            return demo_selection(run)
+        if (folder / f"{which}.ckpt").is_file():
+            return folder / f"{which}.ckpt"
+    except FileNotFoundError:
+        pass
     names = [f"{which}.ckpt"] if which else ["best.ckpt", "last.ckpt"]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
     raise SystemExit(f"error: no {' or '.join(names)} in {folder}: run `make demo` or "
                      "`lightning fit --config experiments/teacher.yaml` first, or pass --run")
 
@@ -136,11 +142,16 @@ def _split_frames(datamodule, split: str):
     return loader.collate_fn([dataset[i] for i in range(len(dataset))])
 
 
+def _chunks(batch, size: int):
+    """Consecutive sub-batches of at most ``size`` frames (views)."""
+    for start in range(0, len(batch), size):
+        yield type(batch)(**{k: v[start:start + size] for k, v in vars(batch).items()})
+
+
 @torch.no_grad()
 def _render(module, batch, canonical, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     images, alphas = [], []
-    for start in range(0, len(batch), chunk):
-        part = type(batch)(**{k: v[start:start + chunk] for k, v in vars(batch).items()})
+    for part in _chunks(batch, chunk):
         _, raster = module.render(part, canonical=canonical)
         images.append(raster.image[:, :3])
         alphas.append(raster.alpha)
@@ -148,23 +159,25 @@ def _render(module, batch, canonical, chunk: int = 32) -> tuple[torch.Tensor, to
 
 
 def _render_refined(module, batch, canonical, chunk: int) -> tuple[torch.Tensor, None]:
-    images = []
-    for start in range(0, len(batch), chunk):
-        part = type(batch)(**{k: v[start:start + chunk] for k, v in vars(batch).items()})
-        images.append(module._refined_render(part, canonical).detach())
+    images = [module._refined_render(part, canonical).detach() for part in _chunks(batch, chunk)]
     return torch.cat(images), None  # no alpha: no spill/miss counts for this row
 
 
 @torch.no_grad()
-def evaluate(module, datamodule, split: str, refined: bool = True) -> dict:
+def evaluate(module, datamodule, split: str, refined: bool = True, canonical=None, train=None) -> dict:
     """:func:`error_decomposition` of the teacher and of the baselines over a split's frames (and, on
     the train split of a teacher with code refinement, of its fitted codes: ``teacher_fitted``; on val
-    and test with ``refined``, of the refined protocol: ``teacher_refined``)."""
+    and test with ``refined``, of the refined protocol: ``teacher_refined``).
+
+    ``canonical`` (the teacher's canonical outputs) and ``train`` (``datamodule.training_frames()``)
+    are computed here unless given, so a caller scoring several splits computes them once.
+    """
     from lightning_modules.metrics import Baselines, nearest_training_frames
     from lightning_modules.teacher import with_code_corrections
 
     batch = _split_frames(datamodule, split)
-    canonical = module.teacher.canonical(method="explicit")
+    if canonical is None:
+        canonical = module.teacher.canonical(method="explicit")
     render, alpha = _render(module, batch, canonical)
     result = {"frames": len(batch), "teacher": error_decomposition(render, alpha, batch.image, batch.mask)}
     if split == "train" and module.codes is not None:
@@ -174,7 +187,8 @@ def evaluate(module, datamodule, split: str, refined: bool = True) -> dict:
     if split != "train" and refined and module.hparams.refine_steps > 0:
         render_r, alpha_r = _render_refined(module, batch, canonical, getattr(datamodule, "batch_size", 8))
         result["teacher_refined"] = error_decomposition(render_r, alpha_r, batch.image, batch.mask)
-    train = datamodule.training_frames()
+    if train is None:
+        train = datamodule.training_frames()
     baselines = Baselines(train["image"], train["mask"], train["world_mat"], train["expression"])(
         batch.expression, batch.world_mat)
     alphas = {"baseline_mean": train["mask"].mean(0).expand_as(batch.mask)}
@@ -230,10 +244,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nteacher run {run} ({ckpt.name}); full = own silhouette, face = under the ground-truth mask")
     print(f"  {'split':5s} {'row':16s} {'frames':>6s} {'full PSNR':>9s} {'face PSNR':>9s} "
           f"{'MSE outside':>11s} {'band':>8s} {'interior':>8s}")
+    with torch.no_grad():  # once for every split
+        canonical = module.teacher.canonical(method="explicit")
+    train = datamodule.training_frames()
     for split in splits:
         if sizes.get(split, 0) == 0:
             continue
-        r = evaluate(module, datamodule, split, refined=not args.no_refined)
+        r = evaluate(module, datamodule, split, refined=not args.no_refined, canonical=canonical, train=train)
         renders, batch = r.pop("_renders"), r.pop("_targets")
         result["splits"][split] = r
         for name in ("teacher", "teacher_fitted", "teacher_refined", "baseline_mean", "baseline_nearest"):

@@ -724,8 +724,7 @@ class AvatarDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("call setup() before training_frames()")
         t = self.train_set
-        return {"image": t.images.float() / 255.0, "mask": t.masks.float(), "world_mat": t.world_mats,
-                "expression": t.expressions, "frame_index": t.frame_numbers}
+        return {"image": t.images.float() / 255.0, "mask": t.masks.float(), **self.training_codes()}
 
     def training_codes(self) -> dict[str, torch.Tensor]:
         """The training frames' codes without their images (the teacher's expression statistics and

@@ -187,14 +187,16 @@ class MeshViewsDataModule(pl.LightningDataModule):
         """The training views (image, mask, world_mat, expression, frame_index), for the baselines and
         the teacher's code corrections (:meth:`datamodules.avatar.AvatarDataModule.training_frames` has
         the shapes)."""
-        frames, idx = self.render_views(), self.split_indices("train")
-        return {k: frames[k][idx] for k in ("image", "mask", "world_mat", "expression", "frame_index")}
+        return self._training_views("image", "mask", "world_mat", "expression", "frame_index")
 
     def training_codes(self) -> dict[str, torch.Tensor]:
         """The training views' codes without their images (expression, world_mat, frame_index;
         :meth:`datamodules.avatar.AvatarDataModule.training_codes` has the shapes)."""
+        return self._training_views("expression", "world_mat", "frame_index")
+
+    def _training_views(self, *keys: str) -> dict[str, torch.Tensor]:
         frames, idx = self.render_views(), self.split_indices("train")
-        return {k: frames[k][idx] for k in ("expression", "world_mat", "frame_index")}
+        return {k: frames[k][idx] for k in keys}
 
     def split_sizes(self) -> dict[str, int]:
         """Views per split, {"train", "val", "test"}."""

@@ -186,10 +186,9 @@ class Baselines(nn.Module):
 
 
 # -- the refined protocol --------------------------------------------------------------------------
-def small_rotation(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices exp([w]_x) of axis-angle vectors (B, 3) -> (B, 3, 3), differentiable at 0
-    (:func:`models.camera.axis_angle_to_matrix`)."""
-    return axis_angle_to_matrix(rotvec)
+#: Rotation matrices exp([w]_x) of axis-angle vectors (B, 3) -> (B, 3, 3), differentiable at 0: the
+#: refined protocol's pose step (:func:`models.camera.axis_angle_to_matrix`, under its earlier name).
+small_rotation = axis_angle_to_matrix
 
 
 class RefinedCodes:

@@ -86,27 +86,29 @@ class FrameCodeCorrections(nn.Module):
         """F, the number of frames with a correction."""
         return int(self.frame_numbers.numel())
 
+    def _lookup(self, frame_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(frame numbers (B,) int64 on the table's device, candidate rows (B,), found (B,) bool)."""
+        frame_index = frame_index.to(self.frame_numbers.device, torch.int64)
+        rows = torch.searchsorted(self.frame_numbers, frame_index).clamp_max(self.num_frames - 1)
+        return frame_index, rows, self.frame_numbers[rows] == frame_index
+
     def rows(self, frame_index: torch.Tensor) -> torch.Tensor:
         """Rows (B,) int64 of the frames ``frame_index`` (B,).
 
         Raises:
             KeyError: if a frame has no correction (a held-out frame, or another video's).
         """
-        frame_index = frame_index.to(self.frame_numbers.device, torch.int64)
-        rows = torch.searchsorted(self.frame_numbers, frame_index).clamp_max(self.num_frames - 1)
-        missing = self.frame_numbers[rows] != frame_index
-        if bool(missing.any()):
+        frame_index, rows, found = self._lookup(frame_index)
+        if not bool(found.all()):
             raise KeyError(
-                f"frame(s) {frame_index[missing].tolist()[:5]} have no code correction: only the "
+                f"frame(s) {frame_index[~found].tolist()[:5]} have no code correction: only the "
                 f"{self.num_frames} training frames the avatar was fitted on have one"
             )
         return rows
 
     def has(self, frame_index: torch.Tensor) -> torch.Tensor:
         """(B,) bool: which of the frames ``frame_index`` (B,) have a correction."""
-        frame_index = frame_index.to(self.frame_numbers.device, torch.int64)
-        rows = torch.searchsorted(self.frame_numbers, frame_index).clamp_max(self.num_frames - 1)
-        return self.frame_numbers[rows] == frame_index
+        return self._lookup(frame_index)[2]
 
     def forward(self, frame_index: torch.Tensor, expression: torch.Tensor,
                 world_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
