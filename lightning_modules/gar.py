@@ -58,7 +58,10 @@ from models.discriminator import MultiScalePatchDiscriminator
 from models.encoder import InverseEncoder, NormalEstimator
 from models.gan_losses import (
     CollapseMonitor,
+    DivergenceGuard,
     d_loss,
+    discriminator_accuracy,
+    feature_matching_loss,
     g_loss,
     normal_consistency_loss,
     r1_penalty,
@@ -73,13 +76,19 @@ __all__ = ["GARModule", "GeneratorInputs"]
 
 
 DEFAULT_LOSS_WEIGHTS = {
-    "l1": 1.0, "ssim": 0.2, "adv": 0.05, "expression": 1.0, "normal": 0.1, "z_swap": 0.1, "z_reg": 1e-3,
+    "l1": 1.0, "ssim": 0.2, "adv": 0.05, "feature_matching": 0.0, "expression": 1.0, "normal": 0.1,
+    "z_swap": 0.1, "z_reg": 1e-3,
 }
-#: Rows this stage scores: model -> protocols (``refined`` rows only outside a fit).
+#: Rows this stage scores: model -> protocols (``refined`` rows and the feature ablation only outside a fit).
 ROWS = {
     "baseline_mean": ("tracked",), "baseline_nearest": ("tracked",), "student": ("tracked",),
     "gar": ("tracked", "refined"), "gar_inverted": ("refined",),
+    "gar_zero_features": ("tracked",), "gar_shuffled_features": ("tracked",),
 }
+#: What G is given as the point features f_s: the student's, zeros, or the student's in a shuffled point order.
+FEATURES = ("real", "zero", "shuffled")
+#: The geometry G's reconstruction is posed by in training: the tracked expression or E's.
+GEOMETRY = ("tracked", "encoder")
 
 
 class GARModule(pl.LightningModule):
@@ -91,7 +100,17 @@ class GARModule(pl.LightningModule):
         z_dim, num_scales, base_channels, mapping_layers: the generator (:class:`~models.renderer.GARGenerator`).
         disc_channels, disc_scales: the discriminator; encoder_channels: the inverse encoder.
         gan_loss: "logistic" (non-saturating) or "hinge".
-        loss_weights: {l1, ssim, adv, expression, normal, z_swap, z_reg}; 0 switches a term off.
+        loss_weights: {l1, ssim, adv, feature_matching, expression, normal, z_swap, z_reg}; 0 switches a
+            term off. ``feature_matching``: pix2pixHD's L1 between D's activations on the frame and on
+            G's output (:func:`~models.gan_losses.feature_matching_loss`).
+        geometry: what poses G's reconstruction in training: "tracked" (the frame's tracked, or the
+            teacher's corrected, expression: what the ``gar`` row renders with) or "encoder" (E's
+            expression, GAR's inverse-rendering loop; E's geometry errors then reach G).
+        z_mean_prob: the probability, per training frame, that G is given the running mean z instead
+            of E's z of that frame. E sees the frame G must reproduce, so a G trained on E's z alone
+            can lean on z and do worse with the mean z that the leak-free ``gar`` row renders with.
+        adv_warmup_epochs: epochs of reconstruction only before the adversarial and feature-matching
+            terms reach G (D trains throughout).
         r1_gamma, r1_every: lazy R1 (gamma / 2 * every * R1 every ``r1_every`` D steps).
         lr_g, lr_d: Adam learning rates of G+E and of D; the normal estimator uses lr_g.
         betas_g, betas_d: their Adam betas. G: StyleGAN2's (0, 0.99); D: pix2pixHD's (0.5, 0.999) at
@@ -99,6 +118,12 @@ class GARModule(pl.LightningModule):
             beta1 = 0 the PatchGAN stays at chance (D loss 2 log 2) on real frames against G's renders.
         ema_decay: of the evaluation copy of G (with warm-up: min(decay, (1 + n) / (10 + n)) at batch n).
         collapse_threshold, collapse_patience: the D-collapse health signal.
+        divergence_factor, divergence_window, divergence_patience: the divergence guard
+            (:class:`~models.gan_losses.DivergenceGuard` on the G loss): ``patience`` consecutive steps
+            above ``factor`` x the median of the previous ``window`` steps, or a non-finite loss.
+        divergence_margin_db: the guard also fires when a fit's val ``gar`` PSNR (full) falls this many
+            dB under the student's. A fired guard warns once and logs ``gar/diverged`` = 1; the
+            checkpoint the demo tests stays the best on val (``best.ckpt``).
         points_per_pixel: rasterizer setting.
         residual: G refines the student's rasterized render (its colours rasterized with the
             features, ``GARGenerator(residual=True)``) instead of drawing the frame from the
@@ -108,6 +133,9 @@ class GARModule(pl.LightningModule):
         invert_steps, invert_lr: GAR's inversion, the ``gar_inverted/refined`` row (:meth:`invert`):
             E's (z, expression) refined by this many Adam steps through the frozen EMA generator;
             0 (the default) scores E's output as it is; ``experiments/gar.yaml`` asks for 20.
+        invert_from_tracking: the inversion starts E's expression from the frame's tracked code (E's
+            z as it is); False starts from E's own expression. E's own expression error against
+            tracking is logged on val and test (``gar/<split>/encoder_expression_mse``).
         refine_steps, refine_lr: the ``gar/refined`` row (:func:`~lightning_modules.metrics.refine_codes`
             from the tracked codes and the mean z); 0 steps: none.
 
@@ -154,6 +182,14 @@ class GARModule(pl.LightningModule):
         invert_lr: float = 0.05,
         refine_steps: int = 20,
         refine_lr: float = 5e-3,
+        geometry: str = "encoder",
+        z_mean_prob: float = 0.0,
+        adv_warmup_epochs: int = 0,
+        divergence_factor: float = 4.0,
+        divergence_window: int = 20,
+        divergence_patience: int = 3,
+        divergence_margin_db: float = 1.0,
+        invert_from_tracking: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -165,6 +201,11 @@ class GARModule(pl.LightningModule):
         if refine_steps < 0 or not refine_lr > 0 or invert_steps < 0:
             raise ValueError(f"refine_steps and invert_steps must be >= 0 and refine_lr > 0, got {refine_steps}, "
                              f"{invert_steps} and {refine_lr}")
+        if geometry not in GEOMETRY:
+            raise ValueError(f"geometry must be one of {GEOMETRY}, got {geometry!r}")
+        if not 0.0 <= z_mean_prob <= 1.0 or adv_warmup_epochs < 0:
+            raise ValueError(f"z_mean_prob must be in [0, 1] and adv_warmup_epochs >= 0, got {z_mean_prob} and "
+                             f"{adv_warmup_epochs}")
 
         path = upstream_checkpoint(student_ckpt, "distill", "student_ckpt")
         self.student = load_student(str(path)).requires_grad_(False).eval()
@@ -190,10 +231,16 @@ class GARModule(pl.LightningModule):
         self.normal_estimator = NormalEstimator()
         self.register_buffer("z_mean", torch.zeros(z_dim))  # running mean of the training z (gar_meanz)
         self.collapse = CollapseMonitor(collapse_threshold, collapse_patience)
-        self.metrics = HeldOutMetrics(ROWS, swd_models=("student", "gar", "gar_inverted"))
+        self.guard = DivergenceGuard(divergence_factor, divergence_window, divergence_patience)
+        self.metrics = HeldOutMetrics(ROWS, swd_models=("student", "gar", "gar_inverted"),
+                                      flicker_models=("student", "gar"))
+        # a fixed point order for the shuffled-feature ablation (f_s of other points, same statistics)
+        order = torch.randperm(self.student.num_points, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("feature_shuffle", order, persistent=False)
         self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
         self._last_renders: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # for visualize
         self._collapse_warned = False
+        self._diverged_warned = False
 
     # -- the frozen student --------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -210,35 +257,69 @@ class GARModule(pl.LightningModule):
             blendshapes=self.student_blendshapes, offset=self.student_offset, feature=self.student_feature,
         )
 
-    def raster_inputs(self, batch, expression: torch.Tensor) -> GeneratorInputs:
-        """The generator's inputs for a batch posed by ``expression`` (B, E) (:func:`models.renderer.generator_inputs`)."""
+    def point_features(self, features: str = "real") -> torch.Tensor:
+        """The per-point features f_s (N, C_s) G is given: the student's (``real``), zeros (``zero``) or
+        the student's in a fixed shuffled point order (``shuffled``: each point gets another point's
+        code; same statistics, no correspondence), the last two for the feature ablation.
+
+        Raises:
+            ValueError: an unknown ``features``.
+        """
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        if features == "zero":
+            return torch.zeros_like(self.student_feature)
+        if features == "shuffled":
+            return self.student_feature[self.feature_shuffle]
+        return self.student_feature
+
+    def raster_inputs(self, batch, expression: torch.Tensor, features: str = "real") -> GeneratorInputs:
+        """The generator's inputs for a batch posed by ``expression`` (B, E) (:func:`models.renderer.generator_inputs`),
+        with the point features ``features`` (:meth:`point_features`)."""
         canonical = self._student_canonical()
         points = self.student.deform(canonical, expression)  # (B, N, 3)
         normals_cam = rotate_normals(canonical.normals, batch.world_mat)  # (B, N, 3)
         colors = self.student.shade(canonical, batch.world_mat) if self.hparams.residual else None
         return generator_inputs(
-            points, canonical.feature, normals_cam, batch.world_mat, batch.K, batch.image.shape[-2:],
+            points, self.point_features(features), normals_cam, batch.world_mat, batch.K, batch.image.shape[-2:],
             self.hparams.num_scales, self.student.radius, self.hparams.points_per_pixel, colors,
         )
 
     def reconstruct(
-        self, batch, target: torch.Tensor
+        self, batch, target: torch.Tensor, tracked: GeneratorInputs | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GeneratorInputs]:
-        """Phase G's reconstruction G(raster(student(E_expr(x))), E_z(x)) of the batch's frames x
-        (``target``: the frames on white under their masks, what E sees).
+        """Phase G's reconstruction G(raster(student(expression)), z) of the batch's frames x
+        (``target``: the frames on white under their masks, what E sees), with E(x) = (E_z, E_expr).
 
-        A residual generator's base image is detached: E learns geometry from the feature maps and
-        the tracking, not through logit(base), whose slope 1 / (b (1 - b)) near white and black
-        turned into steps that derailed E in a demo run.
+        The expression is the tracked one (``geometry="tracked"``; ``tracked`` may pass its raster
+        inputs when already made) or E_expr (``geometry="encoder"``, GAR's loop); z is E_z, or per
+        frame with probability ``z_mean_prob`` the running mean z (:meth:`training_z`). A residual
+        generator's base image is detached: E learns geometry from the feature maps and the
+        tracking, not through logit(base), whose slope 1 / (b (1 - b)) near white and black turned
+        into steps that derailed E in a demo run.
 
         Returns:
-            (fake (B, 3, H, W), z (B, z_dim), expression (B, E), the generator's inputs).
+            (fake (B, 3, H, W), E_z (B, z_dim), E_expr (B, E), the generator's inputs).
         """
         z, expression = self.encoder(target, batch.mask)
-        inputs = self.raster_inputs(batch, expression)
+        if self.hparams.geometry == "tracked":
+            inputs = tracked if tracked is not None else self.raster_inputs(batch, batch.expression)
+        else:
+            inputs = self.raster_inputs(batch, expression)
         if inputs.base is not None:
             inputs = inputs._replace(base=inputs.base.detach())
-        return self.generate(self.generator, inputs, z), z, expression, inputs
+        return self.generate(self.generator, inputs, self.training_z(z)), z, expression, inputs
+
+    def training_z(self, z: torch.Tensor) -> torch.Tensor:
+        """E's z (B, z_dim) with each row replaced, with probability ``z_mean_prob``, by the running
+        mean z (detached), drawn from a generator seeded by (seed, batch number): reproducible."""
+        p = float(self.hparams.z_mean_prob)
+        if p <= 0.0:
+            return z
+        batches = self._batch_number() if self._trainer is not None else 0
+        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed * 1_000_003 + 7919 + batches)
+        use_mean = (torch.rand(z.shape[0], generator=generator) < p).to(z.device)[:, None]  # (B, 1)
+        return torch.where(use_mean, self.z_mean.detach().to(z.dtype).expand_as(z), z)
 
     def generate(self, generator: GARGenerator, inputs: GeneratorInputs, z: torch.Tensor) -> torch.Tensor:
         """``generator`` (G or its EMA copy) on :meth:`raster_inputs`' output: (B, 3, H, W) in (0, 1)."""
@@ -281,15 +362,21 @@ class GARModule(pl.LightningModule):
 
         # phase G (+E)
         self.toggle_optimizer(opt_g)
-        fake, z, expression, inputs = self.reconstruct(batch, target)
+        fake, z, expression, inputs = self.reconstruct(batch, target, tracked)
         normal_map, alpha = inputs.normal_map, inputs.alpha
         terms = {
             "l1": masked_l1(fake, target),
             "ssim": ssim_loss(fake, target),
             "expression": F.mse_loss(expression.float(), batch.expression.float()),
-            "adv": g_loss(self.discriminator(fake), kind),
             "z_reg": z.float().pow(2).mean(),
         }
+        if self.current_epoch >= self.hparams.adv_warmup_epochs and (w["adv"] > 0 or w["feature_matching"] > 0):
+            fake_logits, fake_features = self.discriminator(fake, return_features=True)
+            terms["adv"] = g_loss(fake_logits, kind)
+            if w["feature_matching"] > 0:
+                with torch.no_grad():
+                    _, real_features = self.discriminator(target, return_features=True)
+                terms["feature_matching"] = feature_matching_loss(real_features, fake_features)
         if w["normal"] > 0:
             terms["normal"] = normal_consistency_loss(self.normal_estimator(fake), normal_map.detach(), alpha.detach())
         if w["z_swap"] > 0 and len(batch) > 1:
@@ -306,6 +393,11 @@ class GARModule(pl.LightningModule):
         self.manual_backward(loss_g)
         opt_g.step()
         self.untoggle_optimizer(opt_g)
+        # the guard watches the terms the adversarial schedule leaves alone (the warm-up's end is no spike)
+        reconstruction = sum(float(w[k] * terms[k].detach()) for k in ("l1", "ssim", "expression"))
+        if self.guard.update(reconstruction, self.global_step):
+            self._warn_diverged(f"the reconstruction loss {reconstruction:.4g} stayed above "
+                                f"{self.guard.factor:g}x its recent median for {self.guard.patience} steps")
         # EMA with the usual warm-up: early on the average follows G instead of staying at its init
         batches = self._batch_number()
         ema_update(self.generator_ema, self.generator, min(self.hparams.ema_decay, (1 + batches) / (10 + batches)))
@@ -317,8 +409,10 @@ class GARModule(pl.LightningModule):
 
         # phase D (+ lazy R1)
         self.toggle_optimizer(opt_d)
-        loss_d = d_loss(self.discriminator(target), self.discriminator(fake.detach()), kind)
+        real_logits, fake_logits = self.discriminator(target), self.discriminator(fake.detach())
+        loss_d = d_loss(real_logits, fake_logits, kind)
         logs["loss_d"] = loss_d.detach()
+        self._log_d_accuracy("train", real_logits, fake_logits, len(batch))
         if self.hparams.r1_every > 0 and self._batch_number() % self.hparams.r1_every == 0:
             real = target.detach().requires_grad_(True)
             r1 = r1_penalty(self.discriminator(real), real)
@@ -338,8 +432,29 @@ class GARModule(pl.LightningModule):
             )
             self._collapse_warned = True
         self.log("gar/d_collapse", float(collapsed), batch_size=len(batch))
+        self.log("gar/diverged", float(self.guard.diverged), batch_size=len(batch))
         self.log_dict({f"gar/train/{k}": v for k, v in logs.items()}, batch_size=len(batch))
         self.log("gar/train/loss", loss_g.detach(), prog_bar=True, batch_size=len(batch))
+
+    def _log_d_accuracy(self, split: str, real_logits, fake_logits, batch_size: int) -> None:
+        """Log D's real/fake accuracy and logit gap (:func:`~models.gan_losses.discriminator_accuracy`)
+        as epoch means: ``gar/<split>/d_accuracy``, ``..._real``, ``..._fake`` and ``gar/<split>/d_logit_gap``."""
+        acc = discriminator_accuracy(real_logits, fake_logits)
+        values = {"d_accuracy": acc.accuracy, "d_accuracy_real": acc.real, "d_accuracy_fake": acc.fake,
+                  "d_logit_gap": acc.logit_gap}
+        self.log_dict({f"gar/{split}/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True,
+                      batch_size=batch_size, sync_dist=True)
+
+    def _warn_diverged(self, reason: str) -> None:
+        """Mark the fit as diverged (if the guard has not already) and warn once."""
+        if self.guard.diverged_at is None:
+            self.guard.diverged_at = int(self.global_step)
+        if not self._diverged_warned:
+            rank_zero_warn(
+                f"step {self.global_step}: the GAR fit diverged ({reason}); the run's best.ckpt (best val PSNR) is "
+                "the checkpoint to test, not last.ckpt; lower lr_g / lr_d or the adversarial weights"
+            )
+            self._diverged_warned = True
 
     # -- evaluation -------------------------------------------------------------------------------------
     def invert(self, batch, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,9 +474,12 @@ class GARModule(pl.LightningModule):
             z (B, z_dim) and expression (B, E), detached.
         """
         steps = self.hparams.invert_steps if steps is None else int(steps)
+        # E's z (and, with invert_from_tracking, the tracked expression) as the start
         with torch.no_grad():
             target = composite_on_white(batch.image, batch.mask)
             z, expression = self.encoder(target, batch.mask)
+            if self.hparams.invert_from_tracking:
+                expression = batch.expression.to(expression.dtype)  # the frame's tracked code
         if steps <= 0:
             return z, expression
         # float32 (no GradScaler here for 16-mixed), out of inference mode, on cloned inputs
@@ -420,18 +538,45 @@ class GARModule(pl.LightningModule):
         """The refined rows run in ``lightning validate``/``test`` only: never inside a fit (selection)."""
         return self.trainer.state.fn != "fit"
 
+    @torch.no_grad()
+    def render_feature_ablation(self, batch) -> dict[str, torch.Tensor]:
+        """The ``gar`` row's render (B, 3, H, W) with f_s zeroed (``gar_zero_features``) and with f_s in a
+        shuffled point order (``gar_shuffled_features``): what G draws without the student's point
+        features (the normal map, alpha and a residual G's base image unchanged)."""
+        z = self.z_mean.expand(len(batch), -1)
+        return {f"gar_{mode}_features": self.generate(self.generator_ema,
+                                                      self.raster_inputs(batch, batch.expression, mode), z)
+                for mode in ("zero", "shuffled")}
+
     def _eval_step(self, batch) -> None:
+        split = "test" if self.trainer.testing else "val"
         renders = self.render_all(batch, refined=self._refine())
         self._last_renders = (batch.frame_index.clone(), renders)  # RenderLogger's visualize reuses them
         rows = {"student": ("student", "tracked"), "gar": ("gar", "tracked"), "gar_refined": ("gar", "refined"),
-                "gar_inverted": ("gar_inverted", "refined")}
+                "gar_inverted": ("gar_inverted", "refined"),
+                "gar_zero_features": ("gar_zero_features", "tracked"),
+                "gar_shuffled_features": ("gar_shuffled_features", "tracked")}
+        if self._refine():
+            renders = {**renders, **self.render_feature_ablation(batch)}
         for name, image in renders.items():
-            self.metrics.update(*rows[name], image, batch.image, batch.mask)
+            self.metrics.update(*rows[name], image, batch.image, batch.mask, batch.frame_index)
         self.metrics.update_baselines(self.trainer, batch)
+        target = composite_on_white(batch.image, batch.mask)
+        self._log_d_accuracy(split, self.discriminator(target), self.discriminator(renders["gar"]), len(batch))
+        _, expression = self.encoder(target, batch.mask)  # E's own code against tracking
+        self.log(f"gar/{split}/encoder_expression_mse", F.mse_loss(expression.float(), batch.expression.float()),
+                 on_epoch=True, batch_size=len(batch), sync_dist=True)
 
     def _eval_epoch_end(self, split: str) -> None:
         if not self.trainer.sanity_checking:
-            self.log_dict(self.metrics.compute(split))
+            values = self.metrics.compute(split)
+            self.log_dict(values)
+            gar, student = values.get("gar/tracked/val/full/psnr"), values.get("student/tracked/val/full/psnr")
+            margin = self.hparams.divergence_margin_db
+            if self.trainer.state.fn == "fit" and gar is not None and student is not None and gar < student - margin:
+                self._warn_diverged(f"val PSNR {gar:.2f} dB is more than {margin:g} dB under the student's {student:.2f}")
+            if self.trainer.state.fn == "fit":
+                self.log(f"gar/{split}/diverged", float(self.guard.diverged))
         self.metrics.reset()
         self._last_renders = None
 
@@ -523,9 +668,14 @@ class GARModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["collapse_monitor"] = self.collapse.state_dict()
         checkpoint["collapse_warned"] = self._collapse_warned  # a resumed run does not warn twice
+        checkpoint["divergence_guard"] = self.guard.state_dict()
+        checkpoint["diverged_warned"] = self._diverged_warned
         checkpoint["num_points"] = self.student.num_points
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "collapse_monitor" in checkpoint:
             self.collapse.load_state_dict(checkpoint["collapse_monitor"])
         self._collapse_warned = bool(checkpoint.get("collapse_warned", False))
+        if "divergence_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["divergence_guard"])
+        self._diverged_warned = bool(checkpoint.get("diverged_warned", False))

@@ -18,8 +18,9 @@ Every figure is keyed ``<model>/<protocol>/<split>/<region>/<metric>`` (:func:`m
   the ground-truth mask, so only appearance inside the head counts;
 - metric: ``l1``, ``psnr`` (per image, then averaged, as PointAvatar's utils/metrics.py), ``ssim``
   (11x11 Gaussian, sigma 1.5) from torchmetrics (synchronised across DDP ranks), ``swd``
-  (:mod:`lightning_modules.swd`, GAR stage) and ``lpips``, which needs AlexNet weights that cannot
-  be downloaded here and is therefore JSON null.
+  (:mod:`lightning_modules.swd`, GAR stage), ``flicker`` (:class:`Flicker`, GAR stage, region
+  ``full``) and ``lpips``, which needs AlexNet weights that cannot be downloaded here and is
+  therefore JSON null.
 
 Baselines predict their own silhouette (:class:`Baselines`): ``baseline_mean`` is the mean of the
 training frames on white (the mean foreground colour composited with the mean training mask);
@@ -36,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MetricCollection
+from torchmetrics import MeanAbsoluteError, Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from lightning_modules.flops import multiply_adds  # re-exported: the refined rows' FLOP counter
@@ -47,6 +48,7 @@ __all__ = [
     "PROTOCOLS",
     "REGIONS",
     "Baselines",
+    "Flicker",
     "HeldOutMetrics",
     "RefinedCodes",
     "composite_on_white",
@@ -334,6 +336,63 @@ def _collection() -> MetricCollection:
     )
 
 
+class Flicker(Metric):
+    """Temporal flicker of a rendered sequence against the ground truth's own motion.
+
+    For each pair of consecutive frames (t-1, t) of the evaluation stream, with m the union of the
+    two ground-truth head masks:
+
+        flicker_t = mean_m |R_t - R_{t-1}| - mean_m |G_t - G_{t-1}|
+
+    (R: renders on white, G: frames on white under their masks, means over the masked pixels and
+    the 3 channels); the metric is the mean over pairs, in [0, 1] units of the image. 0: the render
+    changes as much as the video does; > 0: it changes more (flicker); < 0: less (a render that
+    lags or freezes). Pairs are consecutive frames of the stream whose frame numbers increase (the
+    val and test splits are contiguous blocks of the clip, evaluated in order); a stream whose
+    frame number goes back starts a new sequence. Under DDP each rank's pairs are summed (the
+    frames at a rank boundary are not paired).
+
+    Shapes:
+        update(pred, target, mask, frame_index): pred and target (B, 3, H, W) float on white,
+        mask (B, 1, H, W) in [0, 1], frame_index (B,) int64. compute() -> 0-dim float (NaN when no
+        pair was seen).
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("pairs", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self._previous: tuple[torch.Tensor, ...] | None = None  # (pred, target, mask, frame) of the last frame
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, frame_index: torch.Tensor) -> None:
+        if pred.shape != target.shape or pred.dim() != 4 or mask.shape != (pred.shape[0], 1, *pred.shape[2:]):
+            raise ValueError(f"pred and target must be (B, 3, H, W) and mask (B, 1, H, W), got {tuple(pred.shape)}, "
+                             f"{tuple(target.shape)}, {tuple(mask.shape)}")
+        frames = list(zip(pred.float(), target.float(), mask.float(), frame_index.reshape(-1).tolist()))
+        for p, g, m, f in frames:
+            prev = self._previous
+            if prev is not None and f > prev[3]:
+                union = torch.maximum(m, prev[2])  # (1, H, W)
+                weight = 3 * union.sum()
+                if weight > 0:
+                    moved = ((p - prev[0]).abs() * union).sum() / weight
+                    truth = ((g - prev[1]).abs() * union).sum() / weight
+                    self.total += (moved - truth).double()
+                    self.pairs += 1
+            self._previous = (p.detach(), g.detach(), m.detach(), f)
+
+    def compute(self) -> torch.Tensor:
+        if int(self.pairs) == 0:
+            return torch.tensor(float("nan"))
+        return (self.total / self.pairs).float()
+
+    def reset(self) -> None:
+        super().reset()
+        self._previous = None
+
+
 class HeldOutMetrics(nn.Module):
     """L1 / PSNR / SSIM (and SWD for chosen models) per (model, protocol, region).
 
@@ -341,12 +400,15 @@ class HeldOutMetrics(nn.Module):
         rows: model -> the protocols it is scored under, e.g. ``{"teacher": ("tracked", "refined"),
             "baseline_mean": ("tracked",)}``.
         swd_models: models that also get SWD (:class:`~lightning_modules.swd.SlicedWasserstein`).
+        flicker_models: models whose ``tracked`` ``full`` row also gets :class:`Flicker` (pass the
+            batch's ``frame_index`` to :meth:`update`).
 
     Raises:
         ValueError: an unknown protocol.
     """
 
-    def __init__(self, rows: Mapping[str, Sequence[str]], swd_models: Sequence[str] = ()) -> None:
+    def __init__(self, rows: Mapping[str, Sequence[str]], swd_models: Sequence[str] = (),
+                 flicker_models: Sequence[str] = ()) -> None:
         super().__init__()
         from lightning_modules.swd import SlicedWasserstein
 
@@ -360,6 +422,9 @@ class HeldOutMetrics(nn.Module):
         self.swd = nn.ModuleDict({
             self._name(*n): SlicedWasserstein(patches_per_image=64) for n in names if n[0] in swd_models
         })
+        self.flicker = nn.ModuleDict({
+            self._name(m, "tracked", "full"): Flicker() for m in flicker_models if self.has(m, "tracked")
+        })
         self._evaluated: set[tuple[str, str, str]] = set()  # (model, protocol, split) with metrics computed
         self._baselines: tuple[object, Baselines | None] | None = None  # (datamodule, its baselines); not a submodule
 
@@ -372,8 +437,10 @@ class HeldOutMetrics(nn.Module):
         return protocol in self.rows.get(model, ())
 
     @torch.no_grad()
-    def update(self, model: str, protocol: str, pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add a batch: ``pred`` (B, 3, H, W) render on white; ``image``/``mask`` the batch's frames.
+    def update(self, model: str, protocol: str, pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+               frame_index: torch.Tensor | None = None) -> None:
+        """Add a batch: ``pred`` (B, 3, H, W) render on white; ``image``/``mask`` the batch's frames;
+        ``frame_index`` (B,) feeds the row's :class:`Flicker` where it has one.
 
         Raises:
             KeyError: a (model, protocol) not declared in ``rows``.
@@ -389,6 +456,8 @@ class HeldOutMetrics(nn.Module):
                 self.collections[name].update(p, target)
                 if name in self.swd:
                     self.swd[name].update(p, target)
+                if name in self.flicker and frame_index is not None:
+                    self.flicker[name].update(p, target, mask, frame_index)
 
     @torch.no_grad()
     def update_baselines(self, trainer, batch) -> None:
@@ -418,6 +487,10 @@ class HeldOutMetrics(nn.Module):
                 out[metric_key(model, protocol, split, region, metric)] = float(value)
             if name in self.swd and self.swd[name].update_called:
                 out[metric_key(model, protocol, split, region, "swd")] = float(self.swd[name].compute())
+            if name in self.flicker and self.flicker[name].update_called:
+                flicker = float(self.flicker[name].compute())  # synchronised: every rank computes it
+                if flicker == flicker:  # NaN: no consecutive pair seen
+                    out[metric_key(model, protocol, split, region, "flicker")] = flicker
             self._evaluated.add((model, protocol, split))
         return out
 
@@ -426,5 +499,5 @@ class HeldOutMetrics(nn.Module):
         return {metric_key(m, p, s, r, "lpips"): None for m, p, s in sorted(self._evaluated) for r in REGIONS}
 
     def reset(self) -> None:
-        for metric in (*self.collections.values(), *self.swd.values()):
+        for metric in (*self.collections.values(), *self.swd.values(), *self.flicker.values()):
             metric.reset()

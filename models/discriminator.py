@@ -61,8 +61,16 @@ class PatchDiscriminator(nn.Module):
         layers.append(wrap(nn.Conv2d(c_in, 1, 3, 1, 1)))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, return_features: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Logits (B, 1, h, w); with ``return_features`` also every LeakyReLU's output (feature matching)."""
+        if not return_features:
+            return self.net(x)
+        features = []
+        for layer in self.net:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                features.append(x)
+        return x, features
 
 
 class MultiScalePatchDiscriminator(nn.Module):
@@ -81,7 +89,8 @@ class MultiScalePatchDiscriminator(nn.Module):
         image (B, in_channels, H, W) float, typically [0, 1]; condition (B, condition_channels, H, W)
         or None. Output: list of ``num_scales`` logit maps, [s] of shape
         (B, 1, ~H / 2^(s + num_layers - 1), ~W / 2^(s + num_layers - 1)); losses average over them
-        (``models/gan_losses.py``).
+        (``models/gan_losses.py``). With ``return_features=True``: (that list, per scale the list of
+        its ``num_layers`` LeakyReLU outputs), the activations feature matching compares.
 
     Raises:
         ValueError: (forward) when the shapes are wrong, a condition is missing or unexpected, or
@@ -110,7 +119,9 @@ class MultiScalePatchDiscriminator(nn.Module):
             for _ in range(num_scales)
         )
 
-    def forward(self, image: Tensor, condition: Tensor | None = None) -> list[Tensor]:
+    def forward(
+        self, image: Tensor, condition: Tensor | None = None, return_features: bool = False
+    ) -> list[Tensor] | tuple[list[Tensor], list[list[Tensor]]]:
         if image.dim() != 4 or image.shape[1] != self.in_channels:
             raise ValueError(f"image must be (B, {self.in_channels}, H, W), got {tuple(image.shape)}")
         b, _, h, w = image.shape
@@ -128,9 +139,14 @@ class MultiScalePatchDiscriminator(nn.Module):
             x = torch.cat([image, condition.to(image.dtype)], dim=1)  # (B, 3 + Cc, H, W)
         elif condition is not None:
             raise ValueError("this discriminator is unconditional (condition_channels=0): do not pass a condition")
-        out = []
+        out, features = [], []
         for s, d in enumerate(self.scales):
             if s > 0:
                 x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-            out.append(d(x))  # (B, 1, h_s, w_s)
-        return out
+            if return_features:
+                logits, feats = d(x, return_features=True)
+                out.append(logits)  # (B, 1, h_s, w_s)
+                features.append(feats)  # num_layers maps (B, C_i, h_i, w_i)
+            else:
+                out.append(d(x))
+        return (out, features) if return_features else out

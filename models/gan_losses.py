@@ -9,7 +9,10 @@
   :class:`models.encoder.NormalEstimator` in place of GAR's pretrained estimator;
 * z-swap loss: G(inputs_a, z_b) must keep a's geometry and let E recover z_b (our L1/MSE form of
   GAR's contrastive separation of z from the normals);
-* :class:`CollapseMonitor`: flags a discriminator whose loss stays near 0 (pure Python).
+* feature matching on D's intermediate activations (pix2pixHD, Wang et al., CVPR 2018, Eq. 4);
+* :func:`discriminator_accuracy`: D's real/fake accuracy and logit gap, the evidence that D learns;
+* :class:`CollapseMonitor`: flags a discriminator whose loss stays near 0 (pure Python);
+* :class:`DivergenceGuard`: flags a training loss that jumps far above its recent median (pure Python).
 
 Logits may be one tensor or a list of tensors (one per discriminator scale, as
 :class:`models.discriminator.MultiScalePatchDiscriminator` returns); a loss over a list is the
@@ -29,8 +32,12 @@ from torch import Tensor
 
 __all__ = [
     "CollapseMonitor",
+    "DAccuracy",
+    "DivergenceGuard",
     "ZSwapLoss",
     "d_loss",
+    "discriminator_accuracy",
+    "feature_matching_loss",
     "g_loss",
     "normal_consistency_loss",
     "r1_penalty",
@@ -113,6 +120,88 @@ def g_loss(fake_logits: Logits, kind: str = "logistic") -> Tensor:
             f = f.float()
             total = total + (F.softplus(-f).mean() if kind == "logistic" else -f.mean())
         return total / len(fake)
+
+
+def feature_matching_loss(real_features: Sequence[Sequence[Tensor]], fake_features: Sequence[Sequence[Tensor]]) -> Tensor:
+    """pix2pixHD's feature-matching loss (Wang et al., CVPR 2018, Eq. 4).
+
+    sum over D scales k and layers i of (1 / N_i) ||D_k^(i)(x) - D_k^(i)(G(s))||_1, with N_i the
+    element count of layer i (a mean absolute difference), divided by the number of scales (the
+    mean over scales, as the adversarial losses here). The real activations are targets (detached):
+    the gradient reaches G only, through the fake ones. Layers are the LeakyReLU outputs before the
+    logit convolution (:meth:`models.discriminator.MultiScalePatchDiscriminator.forward` with
+    ``return_features=True``). pix2pixHD weights it 10 against its LSGAN term.
+
+    Args:
+        real_features, fake_features: per scale, the list of D's activations (B, C_i, h_i, w_i) on the
+            real frames and on G's output, in the same order and shapes; any float dtype.
+
+    Returns:
+        scalar float32 (autocast disabled); 0 for identical activations.
+
+    Raises:
+        ValueError: when the scales, layers or shapes of the two differ, or a scale has no layer.
+    """
+    if len(real_features) != len(fake_features) or not real_features:
+        raise ValueError(f"real and fake features need the same non-zero number of scales, got "
+                         f"{len(real_features)} and {len(fake_features)}")
+    first = real_features[0][0] if real_features[0] else None
+    if first is None:
+        raise ValueError("every discriminator scale must give at least one feature map")
+    with _fp32(first):
+        total = first.new_zeros((), dtype=torch.float32)
+        for k, (real, fake) in enumerate(zip(real_features, fake_features)):
+            if len(real) != len(fake) or not real:
+                raise ValueError(f"scale {k}: {len(real)} real and {len(fake)} fake feature maps")
+            for i, (r, f) in enumerate(zip(real, fake)):
+                if r.shape != f.shape:
+                    raise ValueError(f"scale {k}, layer {i}: real {tuple(r.shape)} and fake {tuple(f.shape)} differ")
+                total = total + (f.float() - r.detach().float()).abs().mean()
+        return total / len(real_features)
+
+
+class DAccuracy(NamedTuple):
+    """D's decisions on a batch (float32 scalars, patch-averaged over every scale).
+
+    Attributes:
+        real: fraction of real patches with logit > 0 (judged real).
+        fake: fraction of fake patches with logit < 0 (judged fake).
+        accuracy: (real + fake) / 2; 0.5 is chance, 1 a D that separates every patch.
+        logit_gap: mean real logit - mean fake logit; about 0 while D is at chance.
+    """
+
+    real: Tensor
+    fake: Tensor
+    accuracy: Tensor
+    logit_gap: Tensor
+
+
+@torch.no_grad()
+def discriminator_accuracy(real_logits: Logits, fake_logits: Logits) -> DAccuracy:
+    """How well D tells real frames from G's renders (the evidence the GAR issue asks for).
+
+    A patch counts as judged real when its logit is > 0 (sigmoid > 1/2, both losses' decision
+    boundary). Each scale's fractions and mean logits are averaged over its patches and batch, then
+    over the scales (as :func:`d_loss`).
+
+    Args:
+        real_logits, fake_logits: D's logits on real frames and on G's output, tensors or lists per
+            scale (same length), any float dtype.
+
+    Returns:
+        :class:`DAccuracy`.
+
+    Raises:
+        ValueError: lists of different lengths.
+    """
+    real, fake = _as_list(real_logits, "real_logits"), _as_list(fake_logits, "fake_logits")
+    if len(real) != len(fake):
+        raise ValueError(f"real_logits has {len(real)} scales but fake_logits has {len(fake)}")
+    n = len(real)
+    acc_real = sum((r.float() > 0).float().mean() for r in real) / n
+    acc_fake = sum((f.float() < 0).float().mean() for f in fake) / n
+    gap = sum(r.float().mean() - f.float().mean() for r, f in zip(real, fake)) / n
+    return DAccuracy(acc_real, acc_fake, (acc_real + acc_fake) / 2, gap)
 
 
 def r1_penalty(real_logits: Logits, real_images: Tensor) -> Tensor:
@@ -316,3 +405,69 @@ class CollapseMonitor:
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.threshold, self.patience = float(state["threshold"]), int(state["patience"])
         self.steps_below = int(state["steps_below"])
+
+
+class DivergenceGuard:
+    """Flags a diverging GAN fit: a loss far above its recent median.
+
+    The failure it is built for (issue "a GAR that really helps"): the GAR's training L1 jumped ten-fold
+    within an epoch while the fit ended normally. :meth:`update` compares each step's loss with the
+    median of the previous ``window`` finite losses and counts a *spike* when it exceeds ``factor``
+    times that median; ``patience`` consecutive spikes (or one non-finite loss) mark the fit as
+    diverged, and the flag stays set. Pure Python: no tensors kept, no lightning.
+
+    Args:
+        factor: spike threshold as a multiple of the recent median (> 1).
+        window: finite losses the median is taken over; no spike is counted before the window is full.
+        patience: consecutive spikes that count as divergence (>= 1).
+
+    Raises:
+        ValueError: factor <= 1, window < 1 or patience < 1.
+    """
+
+    def __init__(self, factor: float = 4.0, window: int = 20, patience: int = 3) -> None:
+        if not factor > 1 or window < 1 or patience < 1:
+            raise ValueError(f"need factor > 1, window >= 1 and patience >= 1, got {factor}, {window}, {patience}")
+        self.factor, self.window, self.patience = float(factor), int(window), int(patience)
+        self.history: list[float] = []
+        self.spikes = 0
+        self.diverged_at: int | None = None  # the step the flag was first raised at
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    def median(self) -> float | None:
+        """The median of the last ``window`` finite losses (None until the window is full)."""
+        if len(self.history) < self.window:
+            return None
+        values = sorted(self.history[-self.window:])
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+    def update(self, loss: float, step: int) -> bool:
+        """Record one step's loss (a float or 0-dim tensor) at ``step``; return True on the step
+        the fit is first flagged as diverged (False before and after)."""
+        value = float(loss)
+        if not math.isfinite(value):
+            spike = True
+            self.spikes = self.patience  # a NaN or inf is divergence at once
+        else:
+            median = self.median()
+            spike = median is not None and value > self.factor * max(median, 1e-12)
+            self.spikes = self.spikes + 1 if spike else 0
+            if not spike:  # a spike does not enter the reference it is judged against
+                self.history = (self.history + [value])[-self.window:]
+        if self.spikes >= self.patience and self.diverged_at is None:
+            self.diverged_at = int(step)
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor, "window": self.window, "patience": self.patience,
+                "history": list(self.history), "spikes": self.spikes, "diverged_at": self.diverged_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.factor, self.window, self.patience = float(state["factor"]), int(state["window"]), int(state["patience"])
+        self.history, self.spikes = [float(v) for v in state["history"]], int(state["spikes"])
+        self.diverged_at = None if state["diverged_at"] is None else int(state["diverged_at"])

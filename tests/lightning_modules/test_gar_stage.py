@@ -133,7 +133,11 @@ def test_inversion_refines_e_through_the_frozen_generator(gar_run, distill_run):
         z1, e1 = module.invert(batch, steps=15)
         start, end = loss(z0, e0), loss(z1, e1)
     z_e, e_e = module.encoder(target, batch.mask)
-    assert torch.equal(z0, z_e.detach()) and torch.equal(e0, e_e.detach())  # 0 steps: E's output
+    # 0 steps: E's z, and the frame's tracked expression (invert_from_tracking, the default) ...
+    assert torch.equal(z0, z_e.detach()) and torch.equal(e0, batch.expression)
+    module.hparams.invert_from_tracking = False  # ... or E's own expression
+    assert torch.equal(module.invert(batch, steps=0)[1], e_e.detach())
+    module.hparams.invert_from_tracking = True
     assert end < start - 1e-4, (start, end)
     assert not torch.equal(e1, e0)
     for k, v in module.state_dict().items():
@@ -160,7 +164,7 @@ def test_generator_from_features_alone_and_e_alone(distill_run, tmp_path):
         z, expression = module.invert(batch)
         e_z, e_expression = module.encoder(composite_on_white(batch.image, batch.mask), batch.mask)
     assert inputs.base is None and inputs.inputs[0].shape[1] == module.generator.in_channels
-    assert torch.equal(z, e_z) and torch.equal(expression, e_expression)
+    assert torch.equal(z, e_z) and torch.equal(expression, batch.expression)  # E's z, the tracked code
 
 
 def test_e_learns_no_geometry_through_the_residual_base(gar_run):
