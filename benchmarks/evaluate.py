@@ -34,7 +34,7 @@ AKIYO = REPO_ROOT / ".." / "shared" / "data" / "videos" / "akiyo_cif.mp4"
 COLUMNS = (
     ("val", "full", "psnr"), ("val", "face", "psnr"),
     ("test", "full", "psnr"), ("test", "full", "ssim"), ("test", "face", "psnr"), ("test", "face", "ssim"),
-    ("test", "full", "swd"),
+    ("test", "full", "swd"), ("test", "full", "flicker"),
 )
 MISSING = "—"
 
@@ -83,6 +83,8 @@ def mean_over_subjects(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, di
 def _fmt(metric: str, value: float | None) -> str:
     if value is None:
         return MISSING
+    if metric == "flicker":
+        return f"{value:+.4f}"
     return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}" if metric == "ssim" else f"{value:.4g}"
 
 
@@ -110,10 +112,12 @@ def format_evaluation(result: Mapping[str, Any]) -> str:
         lines += [f"## {subject}", "",
                   f"Frames: train {splits.get('train', '?')}, val {splits.get('val', '?')}, test {splits.get('test', '?')}; "
                   f"demo time {result['times_s'][subject]:.0f} s; report: `{result['reports'][subject]}`.", ""]
-        lines += _table(values) + [""]
-        from lightning_modules.report import verdicts
+        from lightning_modules.report import feature_ablation_lines, gar_warnings, verdicts
 
+        lines += [*gar_warnings(report), ""] if gar_warnings(report) else []
+        lines += _table(values) + [""]
         lines += [f"- {line}" for line in verdicts(report)]
+        lines += [f"- GAR point features (test, full): {line}" for line in feature_ablation_lines(report)]
         diagnosis = (result.get("diagnosis") or {}).get(subject)
         if diagnosis:
             lines.append(f"- {diagnosis_line(diagnosis)}")

@@ -9,11 +9,13 @@ Steps, each shown with its command and its time:
 
 1. prepare the video into ``data/<video stem>/`` (the datamodule's ``prepare_data()``, MediaPipe
    tracking; skipped when the dataset exists, and with ``--overrides tiny``, whose head is generated);
-2. ``lightning fit`` teacher -> distill -> GAR, each ``experiments/<stage>.yaml`` stacked with
-   ``experiments/overrides/cpu_demo_<stage>.yaml`` (or ``tiny_mesh.yaml``), the upstream
-   checkpoint passed explicitly (``model.init_args.teacher_ckpt`` / ``student_ckpt``): each stage's
-   selected checkpoint, ``best.ckpt`` (chosen on the val frames) where the fit wrote one, else ``last.ckpt``;
-3. ``lightning validate`` and ``lightning test`` of each stage's selected checkpoint (val and test
+2. ``lightning fit`` teacher -> distill -> GAR -> the device-size GAR (:data:`FITS`), each
+   ``experiments/<stage>.yaml`` stacked with ``experiments/overrides/cpu_demo_<stage>.yaml`` (or
+   ``tiny_mesh.yaml``) and, for ``gar_device``, ``experiments/overrides/gar_device.yaml``, the
+   upstream checkpoint passed explicitly (``model.init_args.teacher_ckpt`` / ``student_ckpt``):
+   each stage's selected checkpoint, ``best.ckpt`` (chosen on the val frames) where the fit wrote
+   one, else ``last.ckpt``; both GARs train on the same student;
+3. ``lightning validate`` and ``lightning test`` of each fit's selected checkpoint (val and test
    figures, both protocols, both regions; :mod:`lightning_modules.metrics`);
 4. ``comparison.mp4`` (ground truth | teacher | student | gar over the test frames, every panel
    rendered from the tracked codes: nothing looks at the frame), ``losses.png`` (the three fits'
@@ -22,7 +24,8 @@ Steps, each shown with its command and its time:
 
 Run folders follow DESIGN.md "Run folders" with ``--runs_root OUT``: one demo with id ``ID`` (its
 start time) makes ``OUT/<stage>/ID/`` (fit; ``OUT/<stage>/latest`` points at it) and
-``OUT/<stage>/ID-val/`` and ``OUT/<stage>/ID-test/`` (validate, test), so earlier demos' runs are never overwritten; the report files in
+``OUT/<stage>/ID-val/`` and ``OUT/<stage>/ID-test/`` (validate, test); the device-size GAR's are
+``OUT/gar/ID-device[-val|-test]/``. Earlier demos' runs are never overwritten; the report files in
 OUT are those of the latest demo and name the run folders they were built from. Every stage runs in
 its own ``python -m lightning_modules.cli`` process (``--in-process``: in this process, faster to
 start, used by the tests). W&B is disabled for the demo's runs unless ``WANDB_MODE`` is set.
@@ -46,10 +49,11 @@ import numpy as np
 import torch
 import yaml
 
-from lightning_modules.report import build_report, format_markdown, plot_losses, write_report
+from lightning_modules.report import build_report, format_markdown, plot_losses, read_divergence, write_report
 
 __all__ = [
     "DemoError",
+    "FITS",
     "OVERRIDES",
     "STAGES",
     "datamodule_from_config",
@@ -64,10 +68,18 @@ __all__ = [
 
 #: The three training stages, in order.
 STAGES = ("teacher", "distill", "gar")
+#: The demo's fits, in order: the stages and the device-size GAR (a GAR fit with FIT_CONFIGS' override).
+FITS = ("teacher", "distill", "gar", "gar_device")
+#: A fit's stage (its experiments/<stage>.yaml and run folder), where it differs from the fit's name.
+FIT_STAGE = {"gar_device": "gar"}
+#: Further configs stacked last on a fit (under experiments/overrides/), and its run-name suffix.
+FIT_CONFIGS = {"gar_device": ("gar_device.yaml",)}
+FIT_SUFFIX = {"gar_device": "-device"}
 #: Override sets: name -> per-stage override file name under experiments/overrides/.
 OVERRIDES = {"cpu_demo": "cpu_demo_{stage}.yaml", "tiny": "tiny_mesh.yaml"}
 #: A stage's upstream (stage, init arg that takes its checkpoint).
-UPSTREAM = {"distill": ("teacher", "teacher_ckpt"), "gar": ("distill", "student_ckpt")}
+UPSTREAM = {"distill": ("teacher", "teacher_ckpt"), "gar": ("distill", "student_ckpt"),
+            "gar_device": ("distill", "student_ckpt")}
 #: Columns of the comparison video.
 PANELS = ("ground truth", "teacher", "student", "gar")
 LABEL_HEIGHT = 16  # pixels of the label strip above the panels
@@ -111,16 +123,19 @@ def stage_args(
 
     Args:
         subcommand: ``fit``, ``validate`` or ``test``.
-        stage: one of :data:`STAGES`.
+        stage: one of :data:`FITS` (``gar_device``: the GAR stage with its :data:`FIT_CONFIGS`).
         overrides: a key of :data:`OVERRIDES`.
         runs_root, run_name: the run lands in ``<runs_root>/<stage>/<run_name>/``.
         upstream_ckpt: the upstream checkpoint (distill: the teacher's; gar: the student's).
         ckpt_path: the checkpoint a ``validate``/``test`` evaluates.
         video: the video the datamodule prepares (None: the default clip).
     """
-    args = [subcommand, "--config", str(EXPERIMENTS / f"{stage}.yaml")]
-    for path in override_files(stage, overrides):
+    base = FIT_STAGE.get(stage, stage)
+    args = [subcommand, "--config", str(EXPERIMENTS / f"{base}.yaml")]
+    for path in override_files(base, overrides):
         args += ["--config", str(path)]
+    for name in FIT_CONFIGS.get(stage, ()):
+        args += ["--config", str(EXPERIMENTS / "overrides" / name)]
     if video is not None:
         args.append(f"--data.init_args.video={video}")
     if stage in UPSTREAM:
@@ -356,7 +371,7 @@ def run_demo(
     demo_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = _run_in_process if in_process else _run_subprocess
     timings: dict[str, float] = {}
-    total_steps = 12 if overrides != "tiny" else 11
+    total_steps = 3 * len(FITS) + (3 if overrides != "tiny" else 2)
     step = 0
     start_all = time.perf_counter()
 
@@ -382,27 +397,29 @@ def run_demo(
 
     fit_dirs: dict[str, Path] = {}
     selected: dict[str, Path] = {}
-    for stage in STAGES:
+    for stage in FITS:
         upstream = UPSTREAM.get(stage)
         upstream_ckpt = selected[upstream[0]] if upstream else None
-        args = stage_args("fit", stage, overrides, out, demo_id, upstream_ckpt=upstream_ckpt, video=video)
-        args += schedule_args(stage, overrides, train_frames)
+        run_name = demo_id + FIT_SUFFIX.get(stage, "")
+        args = stage_args("fit", stage, overrides, out, run_name, upstream_ckpt=upstream_ckpt, video=video)
+        args += schedule_args(FIT_STAGE.get(stage, stage), overrides, train_frames)
         start = announce(f"{stage} fit: lightning {shlex.join(args)}")
         run(args)
-        fit_dirs[stage] = out / stage / demo_id
+        fit_dirs[stage] = out / FIT_STAGE.get(stage, stage) / run_name
         selected[stage] = selected_checkpoint(fit_dirs[stage])
         done(f"{stage}_fit", start, f"{fit_dirs[stage]} (selected on val: {selected[stage].name})")
 
     eval_dirs: dict[str, Path] = {}
-    for stage in STAGES:
+    for stage in FITS:
         upstream = UPSTREAM.get(stage)
         upstream_ckpt = selected[upstream[0]] if upstream else None
         for subcommand, suffix in (("validate", "val"), ("test", "test")):
-            args = stage_args(subcommand, stage, overrides, out, f"{demo_id}-{suffix}", upstream_ckpt=upstream_ckpt,
+            run_name = f"{demo_id}{FIT_SUFFIX.get(stage, '')}-{suffix}"
+            args = stage_args(subcommand, stage, overrides, out, run_name, upstream_ckpt=upstream_ckpt,
                               ckpt_path=selected[stage], video=video)
             start = announce(f"{stage} {subcommand}: lightning {shlex.join(args)}")
             run(args)
-            eval_dirs[f"{stage}_{suffix}"] = out / stage / f"{demo_id}-{suffix}"
+            eval_dirs[f"{stage}_{suffix}"] = out / FIT_STAGE.get(stage, stage) / run_name
             done(f"{stage}_{suffix}", start, str(eval_dirs[f"{stage}_{suffix}"]))
 
     start = announce("comparison video (ground truth | teacher | student | gar, tracked), loss plot, deployment")
@@ -411,7 +428,7 @@ def run_demo(
         selected["teacher"], selected["distill"], selected["gar"], datamodule,
         out / "comparison.mp4", fps=fps, scale=scale,
     )
-    loss_plot = plot_losses({stage: fit_dirs[stage] for stage in STAGES}, out / "losses.png")
+    loss_plot = plot_losses({stage: fit_dirs[stage] for stage in FITS}, out / "losses.png")
     from lightning_modules.deploy import deployment_table, format_deployment_markdown
 
     deploy_dir = out / "deploy" / demo_id
@@ -424,16 +441,18 @@ def run_demo(
     runs.update(eval_dirs)
     report = build_report(
         runs,
-        training_time_s={f"{s}_fit": timings[f"{s}_fit"] for s in STAGES},
+        training_time_s={f"{s}_fit": timings[f"{s}_fit"] for s in FITS},
         extra={
             "description": f"Demo `{demo_id}` on {Path(video).name if video else 'the default carphone clip'}, "
                            f"overrides `{overrides}`; total time {_duration(timings['total'])}. Checkpoints "
-                           "selected on val: " + ", ".join(f"{s} `{selected[s].name}`" for s in STAGES) + ".",
+                           "selected on val: " + ", ".join(f"{s} `{selected[s].name}`" for s in FITS) + ".",
             "demo_id": demo_id,
             "overrides": overrides,
             "video": video,
             "splits": datamodule.split_sizes(),
-            "schedule_args": {stage: schedule_args(stage, overrides, train_frames) for stage in STAGES},
+            "schedule_args": {stage: schedule_args(FIT_STAGE.get(stage, stage), overrides, train_frames)
+                              for stage in FITS},
+            "diverged": {stage: read_divergence(fit_dirs[stage]) for stage in ("gar", "gar_device")},
             "selected_checkpoints": {stage: str(path) for stage, path in selected.items()},
             "timings_s": timings,
             "comparison": {"path": comparison.name, "frames": num_frames, "panels": list(PANELS),

@@ -13,11 +13,14 @@ tabled apart. Per row::
     flops_per_frame  flops_per_frame/<model>/<protocol>     one frame on the row's path (rasterizer excluded)
     ms_per_frame     ms_per_frame/<model>/<protocol>        one frame on the row's path, milliseconds
     training_time_s  (measured around the fit)              seconds of the stage's ``lightning fit``
-    <split>/<region>/<metric>  <model>/<protocol>/<split>/<region>/<metric>   l1, psnr, ssim, swd
+    <split>/<region>/<metric>  <model>/<protocol>/<split>/<region>/<metric>   l1, psnr, ssim, swd, flicker
 
 plus ``params_ratio`` and ``flops_ratio`` (student / teacher), ``num_points`` and the split sizes.
 Each value is taken from the first run of :data:`RUN_ORDER` whose metrics.json holds it, and
-``sources`` in the JSON names that run.
+``sources`` in the JSON names that run. The device-size GAR's runs (labels ``gar_device_*``) are GAR
+runs: their ``gar...`` keys are read as ``gar_device...`` (:data:`RENAMED_RUNS`). The report opens
+with a warning line for a GAR under its student on val or flagged by its fit's divergence guard
+(:func:`gar_warnings`), and tables the feature ablation (:data:`ABLATION_ROWS`) apart.
 """
 
 from __future__ import annotations
@@ -38,9 +41,12 @@ __all__ = [
     "RUN_ORDER",
     "build_report",
     "format_markdown",
+    "gar_warnings",
     "plot_losses",
+    "read_divergence",
     "read_loss_curves",
     "read_metrics",
+    "renamed_metrics",
     "row_id",
     "verdicts",
     "write_report",
@@ -53,11 +59,19 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("teacher", "tracked"),
     ("student", "tracked"),
     ("gar", "tracked"),
+    ("gar_device", "tracked"),
+    ("gar_zero_features", "tracked"),
+    ("gar_shuffled_features", "tracked"),
     ("teacher", "refined"),
     ("student", "refined"),
     ("gar", "refined"),
     ("gar_inverted", "refined"),
 )
+
+#: The feature ablation: the large GAR with f_s zeroed / shuffled (tabled apart, never a headline).
+ABLATION_ROWS = (("gar_zero_features", "tracked"), ("gar_shuffled_features", "tracked"))
+#: The two generator sizes.
+GAR_MODELS = ("gar", "gar_device")
 
 #: Cost columns: field -> (metrics.json key template, Markdown header).
 COST_FIELDS: dict[str, tuple[str | None, str]] = {
@@ -69,17 +83,21 @@ COST_FIELDS: dict[str, tuple[str | None, str]] = {
 }
 
 #: Quality metrics read for every split and region.
-METRICS = ("l1", "psnr", "ssim", "swd")
+METRICS = ("l1", "psnr", "ssim", "swd", "flicker")
 SPLITS = ("val", "test")
 REGIONS = ("full", "face")
 
 #: Where a value is looked up, first match wins: a model's own evaluation runs (test, then the
 #: ``lightning validate`` of the selected checkpoint) before the later stages' and the fits'.
-RUN_ORDER = ("teacher_test", "distill_test", "gar_test", "teacher_val", "distill_val", "gar_val",
-             "distill_fit", "gar_fit", "teacher_fit")
+RUN_ORDER = ("teacher_test", "distill_test", "gar_test", "gar_device_test", "teacher_val", "distill_val", "gar_val",
+             "gar_device_val", "distill_fit", "gar_fit", "gar_device_fit", "teacher_fit")
+#: Runs whose models are renamed when read: label prefix -> (old model prefix, new one); their other
+#: keys (the student, the baselines, the ratios) are left to the runs that own them.
+RENAMED_RUNS = {"gar_device_": ("gar", "gar_device")}
 
 #: Which fit's measured wall time is each model's training time (baselines train nothing).
-TRAINING_FIT = {"teacher": "teacher_fit", "student": "distill_fit", "gar": "gar_fit", "gar_inverted": "gar_fit"}
+TRAINING_FIT = {"teacher": "teacher_fit", "student": "distill_fit", "gar": "gar_fit", "gar_inverted": "gar_fit",
+                "gar_device": "gar_device_fit"}
 
 RATIOS = ("params_ratio", "flops_ratio")
 MISSING = "—"
@@ -100,6 +118,24 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a finished run folder")
     return json.loads(path.read_text())
+
+
+def renamed_metrics(label: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's metrics with its models renamed (:data:`RENAMED_RUNS`): only the keys of models whose
+    name starts with the old prefix are kept, e.g. ``gar/tracked/test/full/psnr`` ->
+    ``gar_device/tracked/test/full/psnr`` and ``ms_per_frame/gar/tracked`` -> ``ms_per_frame/gar_device/tracked``."""
+    match = [names for prefix, names in RENAMED_RUNS.items() if label.startswith(prefix)]
+    if not match:
+        return dict(values)
+    old, new = match[0]
+    out = {}
+    for key, value in values.items():
+        parts = key.split("/")
+        i = 1 if parts[0] in ("params", "flops", "flops_run", "flops_per_frame", "ms_per_frame") else 0
+        if len(parts) > i and parts[i].startswith(old):
+            parts[i] = new + parts[i][len(old):]
+            out["/".join(parts)] = value
+    return out
 
 
 def _finite(value: Any) -> bool:
@@ -132,7 +168,7 @@ def build_report(
     unknown = set(runs) - set(RUN_ORDER)
     if unknown:
         raise ValueError(f"unknown run label(s) {sorted(unknown)}; known: {list(RUN_ORDER)}")
-    metrics = {label: read_metrics(runs[label]) for label in RUN_ORDER if label in runs}
+    metrics = {label: renamed_metrics(label, read_metrics(runs[label])) for label in RUN_ORDER if label in runs}
     times = dict(training_time_s or {})
 
     def lookup(key: str) -> tuple[Any, str | None]:
@@ -196,7 +232,7 @@ def verdicts(report: Mapping[str, Any], split: str = "test", region: str = "full
 
     nearest, mean = psnr("baseline_nearest"), psnr("baseline_mean")
     lines = []
-    for model in ("teacher", "student", "gar"):
+    for model in ("teacher", "student", *GAR_MODELS):
         value = psnr(model)
         if value is None or nearest is None or mean is None:
             continue
@@ -209,6 +245,65 @@ def verdicts(report: Mapping[str, Any], split: str = "test", region: str = "full
             lines.append(f"{model} ({value:.2f} dB) does NOT beat {' or '.join(missed)}"
                          + (f"; it beats {beaten[0]}." if beaten else "."))
     return lines
+
+
+def _psnr(report: Mapping[str, Any], model: str, split: str, region: str = "full") -> float | None:
+    row = report["rows"].get(row_id(model, "tracked"))
+    return None if row is None else row[split][region]["psnr"]
+
+
+def gar_warnings(report: Mapping[str, Any]) -> list[str]:
+    """The report's opening warnings, one line per failed GAR fit (empty when both are sound).
+
+    A GAR (either size) whose val PSNR (tracked, full) is under its student's is named as diverged or
+    failed: its test figures are those of a failed fit. A fit whose divergence guard fired
+    (``report["diverged"][fit]["diverged"]``, :func:`read_divergence`) is named too, with the step.
+    """
+    lines = []
+    student = _psnr(report, "student", "val")
+    for model in GAR_MODELS:
+        value = _psnr(report, model, "val")
+        if value is not None and student is not None and value < student:
+            lines.append(f"**The `{model}` fit diverged or failed: on val it is {student - value:.2f} dB under the "
+                         f"student ({value:.2f} against {student:.2f} dB, tracked, full); read its test figures as "
+                         "those of a failed fit.**")
+        flag = (report.get("diverged") or {}).get(model) or {}
+        if flag.get("diverged"):
+            lines.append(f"**The divergence guard fired in the `{model}` fit (step {flag.get('step')}); the checkpoint "
+                         "tested is the best on val, not the last.**")
+    return lines
+
+
+def feature_ablation_lines(report: Mapping[str, Any], split: str = "test", region: str = "full") -> list[str]:
+    """How much the large GAR's PSNR owes to the student's point features: real f_s against f_s
+    zeroed and shuffled (the design needs the real features to win by >= 1 dB)."""
+    real = _psnr(report, "gar", split, region)
+    lines = []
+    for model, what in (("gar_zero_features", "zeroed"), ("gar_shuffled_features", "shuffled")):
+        value = _psnr(report, model, split, region)
+        if real is None or value is None:
+            continue
+        gain = real - value
+        lines.append(f"f_s {what}: {value:.2f} dB; the real features win by {gain:+.2f} dB "
+                     f"({'meets' if gain >= 1.0 else 'does NOT meet'} the 1 dB the design needs).")
+    return lines
+
+
+def read_divergence(fit_dir: str | os.PathLike) -> dict[str, Any]:
+    """Whether a GAR fit's divergence guard fired, from its ``csv/metrics.csv`` (``gar/diverged``,
+    ``gar/val/diverged``).
+
+    Returns:
+        ``{"diverged": bool, "step": the first logged step with the flag set, or None}``;
+        ``{"diverged": False, "step": None}`` for a run without a CSV log or the columns.
+    """
+    path = Path(fit_dir) / "csv" / "metrics.csv"
+    if path.is_file():
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if any(float(row.get(k) or 0) > 0 for k in ("gar/diverged", "gar/val/diverged")):
+                    return {"diverged": True, "step": int(float(row.get("step") or 0))}
+    return {"diverged": False, "step": None}
 
 
 # -- Markdown ---------------------------------------------------------------------------------------
@@ -236,6 +331,7 @@ _FORMATS = {
     "psnr": lambda v: f"{v:.2f}",
     "ssim": lambda v: f"{v:.4f}",
     "swd": lambda v: f"{v:.4g}",
+    "flicker": lambda v: f"{v:+.4f}",
 }
 
 
@@ -263,21 +359,36 @@ def format_markdown(report: Mapping[str, Any], title: str = "avatar-compress dem
         title: the first heading.
     """
     rows = report["rows"]
-    tracked = [r for r in rows.values() if r["protocol"] == "tracked"]
+    ablation = [rows[row_id(*r)] for r in ABLATION_ROWS if row_id(*r) in rows]
+    tracked = [r for r in rows.values() if r["protocol"] == "tracked" and not any(r is a for a in ablation)]
     refined = [r for r in rows.values() if r["protocol"] == "refined"]
     lines = [f"# {title}", ""]
+    warnings = gar_warnings(report)
+    if warnings:
+        lines += [*warnings, ""]
     if report.get("description"):
         lines += [str(report["description"]), ""]
     lines += ["## Test frames, tracked codes (nothing looks at the scored frame)", ""]
     cost_headers = [header for _, header in COST_FIELDS.values()]
     lines += _table(
-        ["model", *cost_headers, "L1 ↓", "PSNR ↑", "SSIM ↑", "SWD ↓"],
+        ["model", *cost_headers, "L1 ↓", "PSNR ↑", "SSIM ↑", "SWD ↓", "flicker ↓"],
         [[r["model"], *(_cell(f, r[f]) for f in COST_FIELDS), *_quality_cells(r, "test", "full", METRICS)]
          for r in tracked],
     )
     lines += ["", "Region `full`: each model's render on white with its own silhouette against the ground truth on "
-              "white under its head mask. The baselines predict their own silhouette too.", ""]
+              "white under its head mask. The baselines predict their own silhouette too. `gar_device`: the "
+              "device-size generator, trained on the same student. Flicker: the mean absolute change between "
+              "consecutive test frames of the render minus that of the video, inside the head masks (0: the video's "
+              "own motion; > 0: the render flickers).", ""]
     lines += [f"- {line}" for line in verdicts(report)]
+    if ablation:
+        lines += ["", "## Does G use the point features? (test, tracked, full)", ""]
+        lines += _table(["model", "PSNR ↑", "SSIM ↑", "SWD ↓"],
+                        [[r["model"], *_quality_cells(r, "test", "full", ("psnr", "ssim", "swd"))]
+                         for r in [rows[row_id("gar", "tracked")], *ablation]])
+        lines += ["", "The large GAR with the student's point features f_s zeroed, or each point given another "
+                  "point's code (its normal map, mask and base image unchanged).", ""]
+        lines += [f"- {line}" for line in feature_ablation_lines(report)]
     lines += ["", "## Every row: val and test, regions full and face", ""]
     headers, body = ["model", "protocol"], []
     for split in SPLITS:

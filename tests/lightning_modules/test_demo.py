@@ -37,7 +37,10 @@ def demo(tmp_path_factory):
 
 
 def _metrics(cwd, report, label):
-    return json.loads((cwd / report["runs"][label] / "metrics.json").read_text())
+    """A run's metrics.json as the report reads it (the device-size GAR's ``gar`` keys as ``gar_device``)."""
+    from lightning_modules.report import renamed_metrics
+
+    return renamed_metrics(label, json.loads((cwd / report["runs"][label] / "metrics.json").read_text()))
 
 
 @pytest.mark.slow
@@ -45,7 +48,8 @@ def test_demo_report_matches_the_runs(demo):
     cwd, report, lines = demo
     out = cwd / "runs" / "demo"
     assert json.loads((out / "report.json").read_text()) == report
-    assert set(report["runs"]) == {f"{s}_{k}" for s in ("teacher", "distill", "gar") for k in ("fit", "val", "test")}
+    assert set(report["runs"]) == {f"{s}_{k}" for s in ("teacher", "distill", "gar", "gar_device")
+                                   for k in ("fit", "val", "test")}
     # the checkpoints the evaluations read were selected on val
     assert all(path.endswith("best.ckpt") for path in report["selected_checkpoints"].values())
     assert report["splits"] == {"train": 4, "val": 2, "test": 2}
@@ -72,7 +76,7 @@ def test_demo_report_matches_the_runs(demo):
                     assert source.endswith(f"_{split}"), (rid, split, source)  # val from validate, test from test
                     assert value == _metrics(cwd, report, source)[f"{model}/{protocol}/{split}/{region}/{metric}"]
                     checked += 1
-    assert checked >= 140  # costs and quality figures of 9 rows, both splits and regions
+    assert checked >= 180  # costs and quality figures of 12 rows, both splits and regions
 
     # and the values the issue names, from the runs that make them
     distill_fit, distill_test = _metrics(cwd, report, "distill_fit"), _metrics(cwd, report, "distill_test")
@@ -103,6 +107,17 @@ def test_demo_report_matches_the_runs(demo):
         assert rows[rid]["test"]["full"]["psnr"] == gar_test[f"{model}/{protocol}/test/full/psnr"]
         assert rows[rid]["ms_per_frame"] == gar_test[f"ms_per_frame/{model}/{protocol}"] > 0
     assert rows["gar_inverted/refined"]["params"] > rows["gar/tracked"]["params"] > 0  # G + E against G
+    # the device-size G: its own fit on the same student, fewer parameters and multiply-adds per frame
+    device_test = json.loads((cwd / report["runs"]["gar_device_test"] / "metrics.json").read_text())
+    device = rows["gar_device/tracked"]
+    assert device["test"]["full"]["psnr"] == device_test["gar/tracked/test/full/psnr"]
+    assert 0 < device["params"] == device_test["params/gar"] < rows["gar/tracked"]["params"]
+    assert 0 < device["flops_per_frame"] < rows["gar/tracked"]["flops_per_frame"]
+    assert device["training_time_s"] == report["timings_s"]["gar_device_fit"] > 0
+    for model in ("student", "gar", "gar_device"):  # flicker of the student and both GARs
+        assert isinstance(rows[f"{model}/tracked"]["test"]["full"]["flicker"], float), model
+    for model in ("gar_zero_features", "gar_shuffled_features"):
+        assert rows[f"{model}/tracked"]["test"]["full"]["psnr"] == gar_test[f"{model}/tracked/test/full/psnr"]
 
     # training time: measured around each fit; nothing for the baselines, nothing invented
     times = report["timings_s"]
@@ -116,16 +131,17 @@ def test_demo_report_matches_the_runs(demo):
     md = (out / "report.md").read_text()
     headline = md.split("## Test frames, tracked codes")[1].split("\n## ")[0]
     table = [line for line in headline.splitlines() if line.startswith("| ")]
-    tracked = [rid.split("/")[0] for rid in rows if rid.endswith("/tracked")]
+    tracked = [rid.split("/")[0] for rid in rows if rid.endswith("/tracked") and "_features" not in rid]
     assert [line.split("|")[1].strip() for line in table[1:]] == tracked  # the headline: tracked rows only
     teacher_row = table[3].split("|")
     assert teacher_row[2].strip() == f"{rows['teacher/tracked']['params']:,}"
     assert teacher_row[8].strip() == f"{rows['teacher/tracked']['test']['full']['psnr']:.2f}"
     assert "gar_inverted" not in headline and "gar_inverted" in md.split("## Refined protocol")[1]
+    assert "gar_zero_features" in md.split("## Does G use the point features?")[1]
     assert f"params_ratio = {report['ratios']['params_ratio']:.4f}" in md
     assert "## Deployment" in md
     # progress was shown, stage by stage
-    assert sum(line.startswith("\n==> demo [") for line in lines) == 11
+    assert sum(line.startswith("\n==> demo [") for line in lines) == 14
     # nothing written but runs/ (the tiny head is generated: no data/)
     assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
 
@@ -174,7 +190,7 @@ def test_report_of_partial_runs_shows_missing_values(tmp_path):
     assert report["rows"]["teacher/tracked"]["params"] is None
     assert report["ratios"] == {"params_ratio": 0.02, "flops_ratio": None}
     md = format_markdown(report)
-    assert "| student | 1,234 | — | — | — | 12.0 s | — | 21.50 | — | — |" in md
+    assert "| student | 1,234 | — | — | — | 12.0 s | — | 21.50 | — | — | — |" in md
     assert "flops_ratio = —" in md
     with pytest.raises(ValueError, match="unknown run label"):
         build_report({"student_fit": run})
@@ -237,7 +253,7 @@ def test_demo_subprocesses_tiny(tmp_path):
     assert report["rows"]["student/tracked"]["test"]["full"]["psnr"] > 0 and report["ratios"]["flops_ratio"] > 0
     assert (tmp_path / "runs" / "demo" / report["comparison"]["path"]).is_file()
     assert (tmp_path / "runs" / "demo" / "losses.png").is_file()
-    assert "demo [11/11] report" in proc.stdout
+    assert "demo [14/14] report" in proc.stdout
 
 
 def test_durations_round_to_whole_seconds_without_60():
@@ -257,3 +273,52 @@ def test_a_longer_clip_gets_the_demo_schedule_scaled_to_the_same_steps():
         "--model.init_args.grow_every_epochs=1", "--model.init_args.lr_milestones=[10, 12]",
     ]
     assert schedule_args("gar", "cpu_demo", 210) == ["--trainer.max_epochs=4", "--trainer.check_val_every_n_epoch=2"]
+
+
+def _write_metrics(folder, values):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(values))
+    return folder
+
+
+def test_report_opens_with_a_failed_gar_and_reads_the_device_gar_as_its_own_row(tmp_path):
+    """A GAR under its student on val, or a fit whose guard fired, is the report's first line; the
+    device-size GAR's run (``gar/...`` keys) fills the ``gar_device`` row; the feature ablation
+    says whether the real features win by 1 dB."""
+    from lightning_modules.report import build_report, feature_ablation_lines, format_markdown, gar_warnings
+
+    gar = _write_metrics(tmp_path / "gar_val", {
+        "student/tracked/val/full/psnr": 21.0, "gar/tracked/val/full/psnr": 22.0,
+        "gar/tracked/test/full/psnr": 22.5, "gar_zero_features/tracked/test/full/psnr": 21.0,
+        "gar_shuffled_features/tracked/test/full/psnr": 22.0})
+    device = _write_metrics(tmp_path / "gar_device_val", {
+        "student/tracked/val/full/psnr": 99.0,  # the student's row belongs to the other runs: ignored
+        "gar/tracked/val/full/psnr": 19.5, "params/gar": 100, "ms_per_frame/gar/tracked": 3.0})
+    report = build_report({"gar_val": gar, "gar_device_val": device},
+                          extra={"diverged": {"gar": {"diverged": False, "step": None},
+                                              "gar_device": {"diverged": True, "step": 42}}})
+    rows = report["rows"]
+    assert rows["student/tracked"]["val"]["full"]["psnr"] == 21.0
+    assert rows["gar_device/tracked"]["val"]["full"]["psnr"] == 19.5
+    assert rows["gar_device/tracked"]["params"] == 100 and rows["gar_device/tracked"]["ms_per_frame"] == 3.0
+    warnings = gar_warnings(report)
+    assert len(warnings) == 2 and "`gar_device` fit diverged or failed" in warnings[0] and "1.50 dB under" in warnings[0]
+    assert "guard fired in the `gar_device` fit (step 42)" in warnings[1]
+    md = format_markdown(report)
+    assert md.splitlines()[2] == warnings[0]  # the line after the title
+    assert feature_ablation_lines(report) == [
+        "f_s zeroed: 21.00 dB; the real features win by +1.50 dB (meets the 1 dB the design needs).",
+        "f_s shuffled: 22.00 dB; the real features win by +0.50 dB (does NOT meet the 1 dB the design needs).",
+    ]
+    sound = build_report({"gar_val": gar})
+    assert gar_warnings(sound) == [] and format_markdown(sound).splitlines()[2].startswith("## Test frames")
+
+
+def test_read_divergence_finds_the_first_flagged_step(tmp_path):
+    from lightning_modules.report import read_divergence
+
+    assert read_divergence(tmp_path) == {"diverged": False, "step": None}  # no CSV log
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,gar/diverged,gar/val/diverged,step\n0,0.0,,2\n0,,0.0,3\n1,1.0,,5\n1,1.0,,8\n")
+    assert read_divergence(tmp_path) == {"diverged": True, "step": 5}

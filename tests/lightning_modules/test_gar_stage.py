@@ -91,6 +91,11 @@ def test_gar_test_run_reports_per_frame_cost(distill_run, gar_run, tmp_path):
         assert metrics[f"ms_per_frame/{row}"] > 0
         assert isinstance(metrics[f"{row.split('/')[0]}/refined/test/full/psnr"], float)
     assert metrics["params/gar_inverted"] == metrics["params/gar"] + sum(p.numel() for p in module.encoder.parameters())
+    # the feature ablation (validate/test only) and the flicker of the student and the GAR
+    for model in ("gar_zero_features", "gar_shuffled_features"):
+        assert isinstance(metrics[f"{model}/tracked/test/full/psnr"], float), model
+    for model in ("student", "gar"):
+        assert isinstance(metrics[f"{model}/tracked/test/full/flicker"], float), model
     batch = next(iter(cli.datamodule.test_dataloader()))
     one = batch.head(1)
     with torch.no_grad():
@@ -189,3 +194,75 @@ def test_e_learns_no_geometry_through_the_residual_base(gar_run):
     # the undetached base would have carried a gradient to the expression
     base = module.raster_inputs(batch, expression.detach().requires_grad_(True)).base
     assert base.requires_grad
+
+
+def test_feature_ablation_zeroes_and_shuffles_exactly_what_g_sees(gar_run):
+    """``gar_zero_features``: every scale's f_s channels are 0, the normal map, alpha and base are the
+    real row's; ``gar_shuffled_features``: the student's codes, each on another point."""
+    from lightning_modules.export import load_datamodule, load_gar_module
+
+    module = load_gar_module(gar_run)
+    batch = next(iter(load_datamodule(gar_run).val_dataloader()))
+    c = module.student.latent_dim
+    with torch.no_grad():
+        real = module.raster_inputs(batch, batch.expression)
+        zero = module.raster_inputs(batch, batch.expression, "zero")
+    assert any(bool(x[:, :c].abs().max() > 0) for x in real.inputs)
+    for x_real, x_zero in zip(real.inputs, zero.inputs):
+        assert x_zero[:, :c].abs().max() == 0
+        assert torch.equal(x_zero[:, c:], x_real[:, c:])  # normal map and alpha untouched
+    assert torch.equal(zero.base, real.base)
+    features, shuffled = module.point_features("real"), module.point_features("shuffled")
+    assert not torch.equal(shuffled, features)
+    assert torch.equal(shuffled, features[module.feature_shuffle])
+    assert torch.equal(module.feature_shuffle.sort().values, torch.arange(module.student.num_points))
+    with pytest.raises(ValueError, match="features must be one of"):
+        module.point_features("noise")
+
+
+def test_mean_z_replaces_e_z_with_the_stated_probability(gar_run):
+    from lightning_modules.export import load_gar_module
+
+    module = load_gar_module(gar_run)
+    module.z_mean.fill_(7.0)
+    z = torch.zeros(400, module.hparams.z_dim)
+    module.hparams.z_mean_prob = 0.0
+    assert module.training_z(z) is z
+    module.hparams.z_mean_prob = 0.25
+    mixed = module.training_z(z)
+    rows_mean = (mixed == 7.0).all(1)
+    assert torch.equal(rows_mean | (mixed == 0).all(1), torch.ones(400, dtype=torch.bool))  # whole rows
+    assert 0.18 < rows_mean.float().mean() < 0.32
+    assert torch.equal(module.training_z(z), mixed)  # seeded by (seed, batch): reproducible
+    module.hparams.z_mean_prob = 1.0
+    assert (module.training_z(z) == 7.0).all()
+
+
+def test_a_fit_driven_into_divergence_is_flagged_and_not_the_tested_checkpoint(distill_run, tmp_path):
+    """Two healthy epochs, then G's learning rate set absurdly high: the divergence guard warns,
+    ``gar/diverged`` turns 1 in the logs, and the checkpoint the demo tests (best on val) is one
+    from before the divergence, with a better val PSNR than the diverged last.ckpt."""
+    import csv
+
+    from lightning_modules.demo import selected_checkpoint
+
+    run_dir = tmp_path / "gar"
+    callback = '{"class_path": "tests.lightning_modules.toy.AbsurdLearningRate", "init_args": {"from_epoch": 2, "lr": 5.0}}'
+    with pytest.warns(UserWarning, match="the GAR fit diverged"):
+        run_stage(
+            "fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
+            "--model.init_args.student_ckpt", str(distill_run / "checkpoints" / "last.ckpt"),
+            "--model.init_args.divergence_window=2", "--model.init_args.divergence_patience=1",
+            "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.limit_train_batches=2",
+            "--trainer.val_check_interval=2", "--trainer.callbacks=[]", f"--trainer.callbacks+={callback}",
+            "--run_dir", str(run_dir),
+        )
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    flags = [float(r["gar/diverged"]) for r in rows if r.get("gar/diverged")]
+    assert flags[0] == 0.0 and flags[-1] == 1.0
+    best, last = (torch.load(run_dir / "checkpoints" / n, weights_only=False) for n in ("best.ckpt", "last.ckpt"))
+    assert selected_checkpoint(run_dir) == run_dir / "checkpoints" / "best.ckpt"
+    assert best["epoch"] < 2 <= last["epoch"]
+    assert last["divergence_guard"]["diverged_at"] is not None and best["divergence_guard"]["diverged_at"] is None
+    psnr = [float(r["gar/tracked/val/full/psnr"]) for r in rows if r.get("gar/tracked/val/full/psnr")]
+    assert max(psnr[:2]) > psnr[-1] + 1.0, psnr

@@ -189,3 +189,39 @@ def test_multiply_adds_counts_forward_and_backward_matmuls():
 
     # forward 5 x 8 x 4 multiply-adds; the input gradient (5, 4) @ (4, 8) the same again
     assert multiply_adds(step) == 2 * 5 * 8 * 4
+
+
+def test_flicker_hand_value_over_batches_and_a_new_sequence():
+    """Three frames in two batches. Masks cover the left column (2 of 4 pixels). The ground truth
+    moves by 0.1 between every pair; the render by 0.3 then by 0.1: flicker = ((0.3 - 0.1) + 0) / 2."""
+    from lightning_modules.metrics import Flicker
+
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(1, 1, 2, 2)
+    gt = torch.stack([torch.full((3, 2, 2), v) for v in (0.2, 0.3, 0.4)])
+    pred = torch.stack([torch.full((3, 2, 2), v) for v in (0.2, 0.5, 0.6)])
+    pred[:, :, :, 1] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # outside the mask: ignored
+    masks = mask.expand(3, 1, 2, 2)
+    flicker = Flicker()
+    flicker.update(pred[:2], gt[:2], masks[:2], torch.tensor([10, 11]))
+    flicker.update(pred[2:], gt[2:], masks[2:], torch.tensor([12]))  # pairs with frame 11 of the last batch
+    assert int(flicker.pairs) == 2
+    assert flicker.compute().item() == pytest.approx(0.1, abs=1e-6)
+    # a frame number that goes back starts a new sequence: no pair
+    flicker.update(pred[:1], gt[:1], masks[:1], torch.tensor([3]))
+    assert int(flicker.pairs) == 2
+    flicker.reset()
+    assert torch.isnan(flicker.compute()) and int(flicker.pairs) == 0
+    flicker.update(pred[1:2], gt[1:2], masks[1:2], torch.tensor([11]))  # reset forgets the last frame
+    assert int(flicker.pairs) == 0
+
+
+def test_flicker_is_reported_for_declared_rows_only():
+    from lightning_modules.metrics import HeldOutMetrics
+
+    metrics = HeldOutMetrics({"student": ("tracked",), "gar": ("tracked", "refined")}, flicker_models=("gar",))
+    image, mask = torch.rand(4, 3, 8, 8), torch.ones(4, 1, 8, 8)
+    for model, protocol in (("student", "tracked"), ("gar", "tracked"), ("gar", "refined")):
+        metrics.update(model, protocol, image, image, mask, torch.arange(4))
+    out = metrics.compute("test")
+    assert out["gar/tracked/test/full/flicker"] == pytest.approx(0.0, abs=1e-6)  # render = ground truth
+    assert [k for k in out if k.endswith("flicker")] == ["gar/tracked/test/full/flicker"]

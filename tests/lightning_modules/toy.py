@@ -77,3 +77,16 @@ class PointColourModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class AbsurdLearningRate(pl.Callback):
+    """Sets every parameter group of the first optimizer to ``lr`` from epoch ``from_epoch`` on: drives a
+    healthy fit into divergence (the GAR divergence-guard test)."""
+
+    def __init__(self, from_epoch: int = 1, lr: float = 10.0) -> None:
+        self.from_epoch, self.lr = from_epoch, lr
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= self.from_epoch:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 from models.gan_losses import (
     CollapseMonitor,
+    DivergenceGuard,
     d_loss,
+    discriminator_accuracy,
+    feature_matching_loss,
     g_loss,
     normal_consistency_loss,
     r1_penalty,
@@ -216,3 +219,94 @@ def test_collapse_monitor_stays_false_on_a_healthy_trace_and_resets():
     assert not monitor.update(0.02) and monitor.steps_below == 0
     with pytest.raises(ValueError, match="patience"):
         CollapseMonitor(patience=0)
+
+
+# --------------------------------------------------------------------------- feature matching, D accuracy
+
+
+def test_feature_matching_hand_value_and_gradient_reaches_the_fake_only():
+    """Two scales: scale 0 has layers with |diff| means 1 and 0.5, scale 1 one layer with mean 2;
+    the loss is the mean over scales of the per-scale sums: ((1 + 0.5) + 2) / 2 = 1.75."""
+    real = [[torch.zeros(1, 2, 2, 2), torch.ones(1, 1, 2, 2)], [torch.zeros(2, 1, 1, 1)]]
+    fake = [[torch.ones(1, 2, 2, 2), torch.tensor([[[[1.5, 0.5], [1.0, 1.0]]]])],
+            [torch.tensor([[[[2.0]]], [[[-2.0]]]])]]
+    # scale 0 layer 1: |0.5| + |-0.5| + 0 + 0 over 4 elements = 0.25
+    want = ((1.0 + 0.25) + 2.0) / 2
+    fake = [[t.clone().requires_grad_(True) for t in scale] for scale in fake]
+    real = [[t.clone().requires_grad_(True) for t in scale] for scale in real]
+    loss = feature_matching_loss(real, fake)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want)
+    loss.backward()
+    assert all(t.grad is None for scale in real for t in scale)  # the real activations are targets
+    # d/dfake of mean|fake - real| is sign / numel: scale 0 layer 0 (8 elements, mean over scales: / 2)
+    assert torch.allclose(fake[0][0].grad, torch.full((1, 2, 2, 2), 1 / 8 / 2))
+    assert feature_matching_loss(real, [[t.detach() for t in scale] for scale in real]).item() == 0.0
+
+
+def test_feature_matching_rejects_mismatched_features():
+    a = [[torch.zeros(1, 2, 4, 4)]]
+    with pytest.raises(ValueError, match="same non-zero number of scales"):
+        feature_matching_loss(a, a + a)
+    with pytest.raises(ValueError, match=r"scale 0, layer 0: real \(1, 2, 4, 4\) and fake \(1, 2, 2, 2\)"):
+        feature_matching_loss(a, [[torch.zeros(1, 2, 2, 2)]])
+    with pytest.raises(ValueError, match="scale 0: 1 real and 2 fake"):
+        feature_matching_loss(a, [[torch.zeros(1, 2, 4, 4)] * 2])
+
+
+def test_discriminator_features_are_the_activations_before_the_logits():
+    from models.discriminator import MultiScalePatchDiscriminator
+
+    torch.manual_seed(0)
+    d = MultiScalePatchDiscriminator(base_channels=4, num_scales=2, num_layers=3)
+    x = torch.rand(2, 3, 32, 32)
+    logits, features = d(x, return_features=True)
+    plain = d(x)
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain))
+    assert [len(f) for f in features] == [3, 3]
+    assert [tuple(f.shape) for f in features[0]] == [(2, 4, 16, 16), (2, 8, 8, 8), (2, 16, 8, 8)]
+    last_conv = d.scales[0].net[-1]
+    assert torch.allclose(last_conv(features[0][-1]), logits[0])  # the last activation feeds the logit conv
+
+
+def test_discriminator_accuracy_hand_values():
+    real = [torch.tensor([2.0, -1.0, 3.0, 0.5]), torch.tensor([1.0, 1.0])]
+    fake = [torch.tensor([-1.0, -2.0, 1.0, -3.0]), torch.tensor([0.5, -0.5])]
+    acc = discriminator_accuracy(real, fake)
+    # real: scale 0 3/4 judged real, scale 1 2/2 -> 0.875; fake: 3/4 and 1/2 judged fake -> 0.625
+    assert acc.real.item() == pytest.approx(0.875) and acc.fake.item() == pytest.approx(0.625)
+    assert acc.accuracy.item() == pytest.approx(0.75)
+    # gap: scale 0: 1.125 - (-1.25) = 2.375; scale 1: 1 - 0 = 1 -> 1.6875
+    assert acc.logit_gap.item() == pytest.approx(1.6875)
+    chance = discriminator_accuracy(torch.zeros(4), torch.zeros(4))  # logit 0 is neither judged real nor fake
+    assert chance.accuracy.item() == 0.0 and chance.logit_gap.item() == 0.0
+    with pytest.raises(ValueError, match="2 scales but fake_logits has 1"):
+        discriminator_accuracy(real, fake[:1])
+
+
+# --------------------------------------------------------------------------- divergence guard
+
+
+def test_divergence_guard_fires_on_the_third_consecutive_spike():
+    guard = DivergenceGuard(factor=4.0, window=5, patience=3)
+    healthy = [0.05, 0.04, 0.06, 0.05, 0.05, 0.045, 0.05]
+    assert not any(guard.update(v, step) for step, v in enumerate(healthy))
+    assert guard.median() == pytest.approx(0.05)
+    # one spike, then normal: reset; then 0.25 (5x the median) three times: fires at the third
+    assert not guard.update(0.3, 7) and guard.spikes == 1
+    assert not guard.update(0.05, 8) and guard.spikes == 0
+    assert not guard.update(0.25, 9) and not guard.update(0.25, 10)
+    assert guard.update(0.25, 11) and guard.diverged and guard.diverged_at == 11
+    assert not guard.update(0.25, 12) and guard.diverged  # fires once, stays set
+    state = guard.state_dict()
+    again = DivergenceGuard()
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+
+
+def test_divergence_guard_needs_a_full_window_and_flags_nan_at_once():
+    guard = DivergenceGuard(factor=2.0, window=4, patience=2)
+    assert not guard.update(1.0, 0) and not guard.update(100.0, 1)  # no median yet: no spike counted
+    assert guard.median() is None
+    assert guard.update(float("nan"), 2) and guard.diverged_at == 2
+    with pytest.raises(ValueError, match="factor > 1"):
+        DivergenceGuard(factor=1.0)
