@@ -9,19 +9,27 @@ rasterized colours, rasterized alongside at full size); the inverse encoder E ma
 (z, expression).
 Manual optimisation, three phases per step (DESIGN.md "GAR"; Piao et al., CVPR 2021):
 
-- G (+E): L1 + w_ssim (1 - SSIM) of G(raster(student(E_expr(x))), E_z(x)) against the frame x (on
-  white under the head mask), expression supervision |E_expr(x) - tracked|^2, the adversarial loss
-  on G's output, normal consistency (a learnable normal estimator N, trained on real frames only,
+- G (+E): L1 + w_ssim (1 - SSIM) of G(raster(student(expr)), z) against the frame x (on white
+  under the head mask), with expr the tracked code (``geometry="tracked"``) or E_expr(x) (GAR's
+  loop, ``geometry="encoder"``) and z = E_z(x), or per frame with probability ``z_mean_prob`` the
+  running mean z the leak-free row renders with; expression supervision |E_expr(x) - tracked|^2,
+  the adversarial loss on G's output and pix2pixHD feature matching on D's activations (both after
+  ``adv_warmup_epochs``), normal consistency (a learnable normal estimator N, trained on real frames only,
   applied to G's output must give back the rasterized normal map), z-swap (G(inputs_a, z_b) keeps
   a's normals and E recovers z_b) and a small z regulariser;
 - D: non-saturating logistic (or hinge) loss, lazy R1 every ``r1_every`` steps (scaled by it);
 - N: 1 - cos between N(real frame) and the rasterized normal map of the tracked expression.
 
-An EMA copy of G renders for evaluation. Held-out frames are scored (:mod:`lightning_modules.metrics`)
+Evidence logged every epoch (W&B and CSV): D's real/fake accuracy and logit gap on train, val and
+test (``gar/<split>/d_accuracy``, ``..._real``, ``..._fake``, ``gar/<split>/d_logit_gap``), E's
+expression error against tracking (``gar/<split>/encoder_expression_mse``), and the divergence
+guard's flag ``gar/diverged`` (a reconstruction-loss spike, or a val PSNR far under the student's:
+warned once; the demo tests the best checkpoint on val). An EMA copy of G renders for evaluation. Held-out frames are scored (:mod:`lightning_modules.metrics`)
 for ``student/tracked`` (the student's rasterized colours), ``gar/tracked`` (the headline: z = the
 running mean of the training z, the tracked expression and camera; nothing looks at the frame)
 and, in ``lightning validate``/``test`` runs, two labelled ``refined`` rows that look at the frame
-they are scored on: ``gar/refined`` (expression, head pose and z refined by ``refine_steps``
+they are scored on, and the feature ablation (``gar_zero_features`` and ``gar_shuffled_features``:
+the ``gar`` row with f_s zeroed or in a shuffled point order): ``gar/refined`` (expression, head pose and z refined by ``refine_steps``
 gradient steps against the frame from the tracked codes and the mean z, G frozen) and
 ``gar_inverted/refined`` (GAR's inversion: E's z and expression, refined by ``invert_steps`` steps
 through the frozen EMA G). ``gar/d_collapse`` (logged) turns 1 with a warning when the D

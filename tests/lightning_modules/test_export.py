@@ -185,3 +185,28 @@ def test_export_errors_are_one_line(tmp_path, distill_run, capsys):
         message = str(info.value.code)
         assert message.startswith("error: ") and "\n" not in message
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_device_size_generator_exports_and_matches_pytorch(distill_run, tmp_path):
+    """The device-size G (experiments/overrides/gar_device.yaml: 12 base channels) exports like the
+    large one and ONNX Runtime gives the GAR stage's render within 1e-4."""
+    from lightning_modules.export import load_datamodule, load_gar_module, main, ort_inputs
+    from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
+
+    run_dir = tmp_path / "gar_device"
+    run_stage(
+        "fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
+        "--config", str(EXPERIMENTS / "overrides" / "gar_device.yaml"),
+        "--model.init_args.student_ckpt", str(distill_run / "checkpoints" / "last.ckpt"),
+        "--trainer.max_steps=3", "--trainer.callbacks=[]", "--run_dir", str(run_dir),
+    )
+    module = load_gar_module(run_dir)
+    assert module.generator.channels == [12, 24, 24]
+    session = _session(main([str(run_dir), str(tmp_path / "device.onnx")]))
+    batch = next(iter(load_datamodule(run_dir).test_dataloader()))
+    with torch.no_grad():
+        inputs = module.raster_inputs(batch, batch.expression)
+        reference = module.generate(module.generator_ema, inputs, module.z_mean.expand(len(batch), -1))
+    for i in range(len(batch)):
+        got = session.run(None, ort_inputs(batch, i))[0]
+        assert np.abs(got - reference[i : i + 1].numpy()).max() < 1e-4

@@ -182,6 +182,7 @@ def test_e_learns_no_geometry_through_the_residual_base(gar_run):
 
     module = load_gar_module(gar_run)
     assert module.hparams.residual
+    module.hparams.geometry = "encoder"  # GAR's loop: E's expression poses the reconstruction
     with torch.no_grad():
         module.generator.to_rgb.weight.zero_()
         module.student_blendshapes.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
@@ -266,3 +267,29 @@ def test_a_fit_driven_into_divergence_is_flagged_and_not_the_tested_checkpoint(d
     assert last["divergence_guard"]["diverged_at"] is not None and best["divergence_guard"]["diverged_at"] is None
     psnr = [float(r["gar/tracked/val/full/psnr"]) for r in rows if r.get("gar/tracked/val/full/psnr")]
     assert max(psnr[:2]) > psnr[-1] + 1.0, psnr
+
+
+def test_tracked_geometry_cuts_e_expression_out_of_the_reconstruction(gar_run):
+    """geometry="tracked" (the cure for the divergence through E's expression): G's reconstruction is
+    posed by the tracked code, so the reconstruction loss gives E's expression head exactly no
+    gradient even with a trained-looking G, while E's z head still learns from it; with
+    geometry="encoder" the same loss reaches the expression head."""
+    from lightning_modules.export import load_datamodule, load_gar_module
+    from models.losses import masked_l1
+
+    module = load_gar_module(gar_run)
+    with torch.no_grad():
+        module.generator.to_rgb.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+        module.student_blendshapes.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    batch = next(iter(load_datamodule(gar_run).val_dataloader()))
+    target = composite_on_white(batch.image, batch.mask)
+    grads = {}
+    for geometry in ("tracked", "encoder"):
+        module.hparams.geometry = geometry
+        module.zero_grad(set_to_none=True)
+        fake, _, _, inputs = module.reconstruct(batch, target)
+        masked_l1(fake, target).backward()
+        head = module.encoder.expression_head.weight.grad
+        grads[geometry] = 0.0 if head is None else float(head.abs().max())
+        assert module.encoder.z_head.weight.grad.abs().max() > 0, geometry
+    assert grads["tracked"] == 0.0 and grads["encoder"] > 0, grads
