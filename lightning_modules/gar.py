@@ -137,6 +137,8 @@ class GARModule(pl.LightningModule):
             features, ``GARGenerator(residual=True)``) instead of drawing the frame from the
             features alone; ``experiments/gar.yaml`` turns it on (G starts from the student's
             render rather than from grey).
+        residual_space: ``"logit"`` or ``"rgb"``: where a residual G adds its correction
+            (:class:`~models.renderer.GARGenerator`).
         seed: seeds the z-swap permutations (one generator per step).
         invert_steps, invert_lr: GAR's inversion, the ``gar_inverted/refined`` row (:meth:`invert`):
             E's (z, expression) refined by this many Adam steps through the frozen EMA generator;
@@ -186,6 +188,7 @@ class GARModule(pl.LightningModule):
         points_per_pixel: int = 10,
         seed: int = 0,
         residual: bool = False,
+        residual_space: str = "logit",
         invert_steps: int = 0,
         invert_lr: float = 0.05,
         refine_steps: int = 20,
@@ -231,7 +234,8 @@ class GARModule(pl.LightningModule):
 
         feature_channels = self.student.latent_dim
         self.generator = GARGenerator(
-            feature_channels, z_dim, num_scales, base_channels, mapping_layers, residual=residual
+            feature_channels, z_dim, num_scales, base_channels, mapping_layers, residual=residual,
+            residual_space=residual_space,
         )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.discriminator = MultiScalePatchDiscriminator(3, base_channels=disc_channels, num_scales=disc_scales)

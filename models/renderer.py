@@ -305,6 +305,11 @@ class GARGenerator(nn.Module):
             sigmoid(to_rgb(x) + logit(base)) with ``to_rgb``'s weights zero at init, so G starts
             as the base (the student's rule-based render) and learns what the rasterizer misses
             (our choice; the paper's G draws from the features alone, which the default keeps).
+        residual_space: where a residual G adds its correction. ``"logit"``: sigmoid(to_rgb(x) +
+            logit(base)), base clamped to [1e-3, 1 - 1e-3] (turning a white pixel into skin then
+            needs a logit step of about -6.5: the silhouette is stiff); ``"rgb"``: base + to_rgb(x),
+            the same step everywhere, clamped to [0, 1] in evaluation mode only (in training the
+            loss pulls values outside [0, 1] back, where a clamp would stop the gradient).
 
     Shapes:
         inputs: list of ``num_scales`` tensors, inputs[s] (B, C_s + 4, H / 2^s, W / 2^s) float,
@@ -327,8 +332,11 @@ class GARGenerator(nn.Module):
         w_dim: int = 64,
         use_noise: bool = False,
         residual: bool = False,
+        residual_space: str = "logit",
     ) -> None:
         super().__init__()
+        if residual_space not in ("logit", "rgb"):
+            raise ValueError(f"residual_space must be 'logit' or 'rgb', got {residual_space!r}")
         if feature_channels < 1 or z_dim < 1 or num_scales < 1 or base_channels < 1 or w_dim < 1:
             raise ValueError(
                 "feature_channels, z_dim, num_scales, base_channels and w_dim must be positive, got "
@@ -348,6 +356,7 @@ class GARGenerator(nn.Module):
         )  # decoder[s] outputs level s
         self.to_rgb = ModulatedConv2d(ch[0], 3, 1, w_dim, demodulate=False)
         self.residual = bool(residual)
+        self.residual_space = residual_space
         if self.residual:
             nn.init.zeros_(self.to_rgb.weight)  # start as the base image
 
@@ -395,6 +404,9 @@ class GARGenerator(nn.Module):
             up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             x = self.decoder[s](torch.cat([up, skips[s]], dim=1), w)  # (B, ch[s], H/2^s, W/2^s)
         logits = self.to_rgb(x, w)  # (B, 3, H, W)
+        if self.residual and self.residual_space == "rgb":
+            out = base + logits
+            return out if self.training else out.clamp(0.0, 1.0)
         if self.residual:
             logits = logits + torch.logit(base.clamp(0.0, 1.0), eps=_BASE_EPS)
         return torch.sigmoid(logits)

@@ -458,3 +458,25 @@ def test_generator_inputs_rasterize_every_scale_and_the_base_on_white():
     torch.testing.assert_close(out.base, ref0.image, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.alpha, out.inputs[0][:, -1:], rtol=0, atol=0)
     assert generator_inputs(points, latent, normals, world_mat, K, (32, 32), 3, radius).base is None
+
+
+def test_rgb_residual_adds_to_the_base_and_clamps_in_evaluation_only():
+    """residual_space="rgb": G returns base + to_rgb(x) (exactly the base at init, white included),
+    clamped to [0, 1] in eval mode; in training mode a value above 1 keeps its gradient."""
+    torch.manual_seed(0)
+    gen = GARGenerator(feature_channels=5, z_dim=4, base_channels=8, w_dim=8, residual=True, residual_space="rgb")
+    inputs, z = generator_inputs(5, 4, 3)
+    base = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(3))
+    base[0, :, :4] = 1.0
+    gen.eval()
+    with torch.no_grad():
+        assert torch.equal(gen(inputs, z, base), base)  # to_rgb is zero at init: the base, white stays 1.0
+        gen.to_rgb.bias.fill_(0.5)
+        assert torch.equal(gen(inputs, z, base), (base + 0.5).clamp(0, 1))
+    gen.train()
+    out = gen(inputs, z, base)
+    assert out.max() > 1.2
+    out[0, :, :4].sum().backward()  # pixels at 1.5: still a gradient (no clamp in training)
+    assert gen.to_rgb.bias.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="residual_space must be"):
+        GARGenerator(residual=True, residual_space="linear")
