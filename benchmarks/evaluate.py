@@ -196,6 +196,7 @@ def run_evaluation(
     run: Callable[..., dict] | None = None,
     log: Callable[[str], Any] | None = None,
     diagnose: Callable[[Mapping[str, Any]], dict | None] | None = None,
+    reuse: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the demo on each video and write ``OUT/eval.md`` and ``OUT/eval.json``.
 
@@ -206,6 +207,9 @@ def run_evaluation(
         run: the demo function (default :func:`lightning_modules.demo.run_demo`; tests pass a stand-in).
         log: progress lines (default: print).
         diagnose: report -> the teacher's diagnosis (default :func:`teacher_diagnosis`).
+        reuse: fits each subject's demo takes from its previous demo in ``OUT/<subject>``
+            (:func:`lightning_modules.demo.run_demo`); with the teacher reused, its diagnosis is
+            taken from the previous ``OUT/eval.json`` where it holds one.
 
     Returns:
         ``{"subjects": {subject: report}, "mean": ..., "times_s": {subject: s}, "reports": {subject: path},
@@ -226,13 +230,16 @@ def run_evaluation(
     out = Path(out)
     diagnose = diagnose or teacher_diagnosis
     reports, times, paths, diagnoses = {}, {}, {}, {}
+    previous = {}
+    if "teacher" in reuse and (out / "eval.json").is_file():
+        previous = json.loads((out / "eval.json").read_text()).get("diagnosis") or {}
     for name, video in zip(names, videos):
         log(f"\n#### evaluate: subject {name} ({video or 'the default carphone clip'})")
         start = time.perf_counter()
-        reports[name] = run(out / name, video=video, overrides=overrides)
+        reports[name] = run(out / name, video=video, overrides=overrides, **({"reuse": reuse} if reuse else {}))
         times[name] = time.perf_counter() - start
         paths[name] = str(out / name / "report.md")
-        diagnoses[name] = diagnose(reports[name])
+        diagnoses[name] = previous.get(name) or diagnose(reports[name])
     result = {"subjects": reports, "mean": mean_over_subjects(reports), "times_s": times, "reports": paths,
               "diagnosis": diagnoses, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a clip to evaluate (repeatable; default: carphone, and akiyo when ../shared holds it)")
     parser.add_argument("--out", default="runs/eval", help="folder of the subjects' demos and of eval.md/eval.json")
     parser.add_argument("--overrides", default="cpu_demo", choices=("cpu_demo", "tiny"))
+    parser.add_argument("--reuse", default="", metavar="FITS",
+                        help="comma-separated fits each subject takes from its previous demo in OUT, e.g. "
+                             "teacher,distill (retrain and re-evaluate the GARs only)")
     parser.add_argument("--write-readme", nargs="?", const="README.md", default=None, metavar="README",
                         help="run nothing: fill README's results block from OUT/eval.json (maintainers)")
     args = parser.parse_args(argv)
@@ -268,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"evaluate: error: video {video} does not exist", file=sys.stderr)
             return 2
     try:
-        run_evaluation(videos, args.out, args.overrides)
+        run_evaluation(videos, args.out, args.overrides, reuse=[s for s in args.reuse.split(",") if s])
     except ValueError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -36,12 +36,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +341,7 @@ def run_demo(
     fps: int = 8,
     scale: int = 2,
     log: Callable[[str], Any] | None = None,
+    reuse: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the demo pipeline (module docstring) and write its report into ``out``.
 
@@ -350,16 +352,22 @@ def run_demo(
         in_process: run the stages in this process instead of one subprocess each.
         fps, scale: of the comparison video.
         log: progress lines (default: print to stdout).
+        reuse: fits taken from the previous demo in ``out`` (its ``report.json``: fit, val and test
+            folders, selected checkpoint, training time) instead of run again, e.g. ``("teacher",
+            "distill")`` to retrain only the GARs on the same student. A reused fit's upstream must
+            be reused too.
 
     Returns:
         the report dict (as written to ``out/report.json``).
 
     Raises:
-        ValueError: an unknown override set, or ``video`` with ``overrides="tiny"``.
+        ValueError: an unknown override set, ``video`` with ``overrides="tiny"``, an unknown fit in
+            ``reuse`` or one whose upstream is not reused.
         FileNotFoundError: a ``video`` that does not exist.
-        DemoError: a stage that failed (its command in the message).
+        DemoError: a stage that failed (its command in the message), or nothing to reuse in ``out``.
     """
     log = log or (lambda line: print(line, flush=True))
+    previous = _previous_demo(out, reuse, video, overrides)
     if overrides not in OVERRIDES:
         raise ValueError(f"unknown overrides {overrides!r}; known: {sorted(OVERRIDES)}")
     if video is not None and overrides == "tiny":
@@ -400,6 +408,13 @@ def run_demo(
     for stage in FITS:
         upstream = UPSTREAM.get(stage)
         upstream_ckpt = selected[upstream[0]] if upstream else None
+        if stage in reuse:
+            fit_dirs[stage] = Path(previous["runs"][f"{stage}_fit"])
+            selected[stage] = Path(previous["selected_checkpoints"][stage])
+            timings[f"{stage}_fit"] = previous["timings_s"][f"{stage}_fit"]
+            step += 1
+            log(f"\n==> demo [{step}/{total_steps}] {stage} fit: reused {fit_dirs[stage]} ({selected[stage].name})")
+            continue
         run_name = demo_id + FIT_SUFFIX.get(stage, "")
         args = stage_args("fit", stage, overrides, out, run_name, upstream_ckpt=upstream_ckpt, video=video)
         args += schedule_args(FIT_STAGE.get(stage, stage), overrides, train_frames)
@@ -414,6 +429,11 @@ def run_demo(
         upstream = UPSTREAM.get(stage)
         upstream_ckpt = selected[upstream[0]] if upstream else None
         for subcommand, suffix in (("validate", "val"), ("test", "test")):
+            if stage in reuse:
+                eval_dirs[f"{stage}_{suffix}"] = Path(previous["runs"][f"{stage}_{suffix}"])
+                step += 1
+                log(f"\n==> demo [{step}/{total_steps}] {stage} {subcommand}: reused {eval_dirs[f'{stage}_{suffix}']}")
+                continue
             run_name = f"{demo_id}{FIT_SUFFIX.get(stage, '')}-{suffix}"
             args = stage_args(subcommand, stage, overrides, out, run_name, upstream_ckpt=upstream_ckpt,
                               ckpt_path=selected[stage], video=video)
@@ -468,6 +488,39 @@ def run_demo(
     return report
 
 
+def _previous_demo(out: str | os.PathLike, reuse: Sequence[str], video: str | os.PathLike | None,
+                   overrides: str) -> dict[str, Any] | None:
+    """The previous demo's report in ``out`` for :func:`run_demo`'s ``reuse`` (None when nothing is reused).
+
+    Raises:
+        ValueError: an unknown fit, or a reused fit whose upstream is not reused.
+        DemoError: no report in ``out``, one of another video or override set, or one without the fits.
+    """
+    if not reuse:
+        return None
+    unknown = set(reuse) - set(FITS)
+    if unknown:
+        raise ValueError(f"unknown fit(s) to reuse {sorted(unknown)}; known: {list(FITS)}")
+    for stage in reuse:
+        upstream = UPSTREAM.get(stage)
+        if upstream and upstream[0] not in reuse:
+            raise ValueError(f"reusing {stage} needs its upstream {upstream[0]} reused too")
+    path = Path(out) / "report.json"
+    if not path.is_file():
+        raise DemoError(f"nothing to reuse: {path} does not exist (run the demo once without --reuse)")
+    report = json.loads(path.read_text())
+    def same(a, b) -> bool:
+        return (a is None) == (b is None) and (a is None or Path(a).resolve() == Path(b).resolve())
+
+    if not same(report.get("video"), video) or report.get("overrides") != overrides:
+        raise DemoError(f"{path} is a demo of video {report.get('video')!r} with overrides {report.get('overrides')!r}, "
+                        f"not of {video!r} with {overrides!r}: reuse runs of the same video and overrides only")
+    missing = [f"{s}_{k}" for s in reuse for k in ("fit", "val", "test") if f"{s}_{k}" not in report.get("runs", {})]
+    if missing:
+        raise DemoError(f"{path} has no {', '.join(missing)} run to reuse")
+    return report
+
+
 def selected_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The checkpoint a fit selected on its val frames: ``checkpoints/best.ckpt`` where the stage
     monitors a val metric and validation ran, else ``checkpoints/last.ckpt``.
@@ -495,6 +548,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-process", action="store_true", help="run the stages in this process")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of comparison.mp4")
     parser.add_argument("--video-scale", type=int, default=2, help="integer enlargement of comparison.mp4's panels")
+    parser.add_argument("--reuse", default="", metavar="FITS",
+                        help="comma-separated fits to take from the previous demo in OUT instead of running them "
+                             "again, e.g. teacher,distill (retrain the GARs on the same student)")
     return parser
 
 
@@ -502,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (1 with a one-line error when a step fails)."""
     args = _parser().parse_args(argv)
     try:
-        run_demo(args.out, args.video, args.overrides, args.in_process, args.fps, args.video_scale)
+        run_demo(args.out, args.video, args.overrides, args.in_process, args.fps, args.video_scale,
+                 reuse=[s for s in args.reuse.split(",") if s])
     except (DemoError, ValueError, FileNotFoundError) as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 1

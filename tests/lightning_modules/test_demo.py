@@ -322,3 +322,44 @@ def test_read_divergence_finds_the_first_flagged_step(tmp_path):
     (tmp_path / "csv" / "metrics.csv").write_text(
         "epoch,gar/diverged,gar/val/diverged,step\n0,0.0,,2\n0,,0.0,3\n1,1.0,,5\n1,1.0,,8\n")
     assert read_divergence(tmp_path) == {"diverged": True, "step": 5}
+
+
+def test_reuse_errors_are_one_line(tmp_path):
+    from lightning_modules.demo import DemoError, _previous_demo
+
+    assert _previous_demo(tmp_path, (), None, "tiny") is None
+    with pytest.raises(ValueError, match="unknown fit"):
+        _previous_demo(tmp_path, ("student",), None, "tiny")
+    with pytest.raises(ValueError, match="reusing distill needs its upstream teacher"):
+        _previous_demo(tmp_path, ("distill",), None, "tiny")
+    with pytest.raises(DemoError, match="nothing to reuse"):
+        _previous_demo(tmp_path, ("teacher",), None, "tiny")
+    (tmp_path / "report.json").write_text(json.dumps({"video": None, "overrides": "tiny", "runs": {"teacher_fit": "x"}}))
+    with pytest.raises(DemoError, match="of video None with overrides 'tiny', not of 'v.mp4'"):
+        _previous_demo(tmp_path, ("teacher",), "v.mp4", "tiny")
+    with pytest.raises(DemoError, match="no teacher_val, teacher_test run to reuse"):
+        _previous_demo(tmp_path, ("teacher",), None, "tiny")
+
+
+@pytest.mark.slow
+def test_demo_reuses_the_teacher_and_student_and_refits_the_gars(demo):
+    """--reuse teacher,distill: the second demo reads the first one's teacher and student runs (and their
+    training times), runs only the two GAR fits and their evaluations, and reports them all."""
+    from lightning_modules.demo import run_demo
+
+    cwd, first, _ = demo
+    saved = os.getcwd()
+    os.chdir(cwd)
+    lines: list[str] = []
+    try:
+        second = run_demo("runs/demo", overrides="tiny", in_process=True, scale=SCALE, log=lines.append,
+                          reuse=("teacher", "distill"))
+    finally:
+        os.chdir(saved)
+    for label in ("teacher_fit", "teacher_test", "distill_fit", "distill_val"):
+        assert second["runs"][label] == first["runs"][label]
+    for label in ("gar_fit", "gar_test", "gar_device_fit"):
+        assert second["runs"][label] != first["runs"][label]
+    assert second["timings_s"]["teacher_fit"] == first["timings_s"]["teacher_fit"]
+    assert second["rows"]["student/tracked"]["test"] == first["rows"]["student/tracked"]["test"]
+    assert sum("reused" in line for line in lines) == 6  # 2 fits + their 4 evaluations
