@@ -293,3 +293,21 @@ def test_tracked_geometry_cuts_e_expression_out_of_the_reconstruction(gar_run):
         grads[geometry] = 0.0 if head is None else float(head.abs().max())
         assert module.encoder.z_head.weight.grad.abs().max() > 0, geometry
     assert grads["tracked"] == 0.0 and grads["encoder"] > 0, grads
+
+
+def test_gar_errors_benchmark_splits_the_error_and_matches_the_stage(gar_run, capsys):
+    """benchmarks/gar_errors.py on the run's first val batch: the three regions add up to each row's
+    MSE, and the student's and the GAR's PSNR are the fit's own val figures (same frames, same renders)."""
+    from benchmarks.gar_errors import ROWS, main
+
+    metrics = json.loads((gar_run / "metrics.json").read_text())
+    batch_size = 2  # experiments/overrides/tiny_mesh.yaml; its validation scores one batch
+    result = main(["--run", str(gar_run), "--split", "val", "--max-frames", str(batch_size)])
+    assert result["frames"] == batch_size
+    for row in ROWS:
+        d = result[row]
+        assert d["mse_interior"] + d["mse_band"] + d["mse_outside"] == pytest.approx(d["mse"], rel=1e-5)
+    for row in ("student", "gar"):
+        assert result[row]["psnr"] == pytest.approx(metrics[f"{row}/tracked/val/full/psnr"], abs=1e-3)
+        assert result[row]["psnr_gt_mask"] == pytest.approx(metrics[f"{row}/tracked/val/face/psnr"], abs=1e-3)
+    assert "| gar_zero_features |" in capsys.readouterr().out
