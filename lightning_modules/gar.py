@@ -139,6 +139,9 @@ class GARModule(pl.LightningModule):
             render rather than from grey).
         residual_space: ``"logit"`` or ``"rgb"``: where a residual G adds its correction
             (:class:`~models.renderer.GARGenerator`).
+        activation_gain: G's LeakyReLU gain (:class:`~models.renderer.GARGenerator`): StyleGAN2's
+            sqrt(2) in ``experiments/gar.yaml``; the default 1.0 is the first version's, so its
+            checkpoints load unchanged.
         seed: seeds the z-swap permutations (one generator per step).
         invert_steps, invert_lr: GAR's inversion, the ``gar_inverted/refined`` row (:meth:`invert`):
             E's (z, expression) refined by this many Adam steps through the frozen EMA generator;
@@ -189,6 +192,7 @@ class GARModule(pl.LightningModule):
         seed: int = 0,
         residual: bool = False,
         residual_space: str = "logit",
+        activation_gain: float = 1.0,
         invert_steps: int = 0,
         invert_lr: float = 0.05,
         refine_steps: int = 20,
@@ -235,7 +239,7 @@ class GARModule(pl.LightningModule):
         feature_channels = self.student.latent_dim
         self.generator = GARGenerator(
             feature_channels, z_dim, num_scales, base_channels, mapping_layers, residual=residual,
-            residual_space=residual_space,
+            residual_space=residual_space, activation_gain=activation_gain,
         )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.discriminator = MultiScalePatchDiscriminator(3, base_channels=disc_channels, num_scales=disc_scales)

@@ -262,10 +262,11 @@ class ModulatedConv2d(nn.Module):
 
 
 class _RenderBlock(nn.Module):
-    """Two modulated 3x3 convolutions, each followed by optional noise and LeakyReLU(0.2)."""
+    """Two modulated 3x3 convolutions, each followed by optional noise and LeakyReLU(0.2) times ``gain``."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, use_noise: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, use_noise: bool, gain: float = 1.0) -> None:
         super().__init__()
+        self.gain = float(gain)
         self.conv1 = ModulatedConv2d(in_channels, out_channels, 3, w_dim)
         self.conv2 = ModulatedConv2d(out_channels, out_channels, 3, w_dim)
         self.use_noise = use_noise
@@ -280,7 +281,9 @@ class _RenderBlock(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         x = F.leaky_relu(self._noise(self.conv1(x, w), 0), _LEAK)
-        return F.leaky_relu(self._noise(self.conv2(x, w), 1), _LEAK)
+        x = x * self.gain if self.gain != 1.0 else x
+        x = F.leaky_relu(self._noise(self.conv2(x, w), 1), _LEAK)
+        return x * self.gain if self.gain != 1.0 else x
 
 
 class GARGenerator(nn.Module):
@@ -310,6 +313,11 @@ class GARGenerator(nn.Module):
             needs a logit step of about -6.5: the silhouette is stiff); ``"rgb"``: base + to_rgb(x),
             the same step everywhere, clamped to [0, 1] in evaluation mode only (in training the
             loss pulls values outside [0, 1] back, where a clamp would stop the gradient).
+        activation_gain: multiplies every LeakyReLU's output. StyleGAN2 uses sqrt(2) (its ``bias_act``
+            gain for lrelu), which keeps unit-variance activations unit-variance through the
+            demodulated convolutions; at 1.0 (the first version, kept for its checkpoints) each layer
+            roughly halves the variance, the decoder's output is ~1/40 of its input's scale, and
+            Adam's steps on ``to_rgb`` barely move the image (G learnt almost nothing in a CPU demo).
 
     Shapes:
         inputs: list of ``num_scales`` tensors, inputs[s] (B, C_s + 4, H / 2^s, W / 2^s) float,
@@ -333,6 +341,7 @@ class GARGenerator(nn.Module):
         use_noise: bool = False,
         residual: bool = False,
         residual_space: str = "logit",
+        activation_gain: float = 1.0,
     ) -> None:
         super().__init__()
         if residual_space not in ("logit", "rgb"):
@@ -348,11 +357,11 @@ class GARGenerator(nn.Module):
         self.channels = ch
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
         self.encoder = nn.ModuleList(
-            _RenderBlock(self.in_channels + (ch[s - 1] if s > 0 else 0), ch[s], w_dim, use_noise)
+            _RenderBlock(self.in_channels + (ch[s - 1] if s > 0 else 0), ch[s], w_dim, use_noise, activation_gain)
             for s in range(num_scales)
         )
         self.decoder = nn.ModuleList(
-            _RenderBlock(ch[s + 1] + ch[s], ch[s], w_dim, use_noise) for s in range(num_scales - 1)
+            _RenderBlock(ch[s + 1] + ch[s], ch[s], w_dim, use_noise, activation_gain) for s in range(num_scales - 1)
         )  # decoder[s] outputs level s
         self.to_rgb = ModulatedConv2d(ch[0], 3, 1, w_dim, demodulate=False)
         self.residual = bool(residual)
