@@ -480,3 +480,21 @@ def test_rgb_residual_adds_to_the_base_and_clamps_in_evaluation_only():
     assert gen.to_rgb.bias.grad.abs().min() > 0
     with pytest.raises(ValueError, match="residual_space must be"):
         GARGenerator(residual=True, residual_space="linear")
+
+
+def test_activation_gain_keeps_the_decoder_at_the_input_scale():
+    """StyleGAN2's sqrt(2) after each LeakyReLU: unit-variance inputs stay about unit-variance through
+    the five render blocks (ten demodulated convolutions); without it (gain 1) each layer about halves
+    the variance and the decoder's output shrinks several-fold (the skips re-inject the input's scale)."""
+    def decoder_std(gain: float) -> float:
+        torch.manual_seed(0)
+        gen = GARGenerator(feature_channels=28, z_dim=4, base_channels=16, w_dim=8, activation_gain=gain)
+        inputs = [torch.randn(2, 32, 64 >> s, 64 >> s) for s in range(3)]
+        seen = {}
+        gen.decoder[0].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+        with torch.no_grad():
+            gen(inputs, torch.zeros(2, 4))
+        return float(seen["out"].std())
+
+    assert 0.4 < decoder_std(2 ** 0.5) < 2.5
+    assert decoder_std(1.0) < 0.3 * decoder_std(2 ** 0.5)
