@@ -33,6 +33,18 @@ def test_gar_run_reports_tracked_rows_only(gar_run):
     assert isinstance(metrics["baseline_nearest/tracked/val/full/psnr"], float)
     assert not any("/refined/" in key or key.startswith("gar_inverted/") for key in metrics)
     assert "gar/d_collapse" not in metrics  # a health signal: logged, not stored
+    # D's accuracy and logit gap on train and val, E's code error and the divergence flag: in the CSV log
+    import csv
+
+    rows = list(csv.DictReader(open(gar_run / "csv" / "metrics.csv")))
+    logged = {k: float(v) for r in rows for k, v in r.items() if v}
+    for split in ("train", "val"):
+        for key in ("d_accuracy", "d_accuracy_real", "d_accuracy_fake"):
+            assert 0.0 <= logged[f"gar/{split}/{key}"] <= 1.0, (split, key)
+        assert f"gar/{split}/d_logit_gap" in logged
+    assert logged["gar/val/d_accuracy"] == pytest.approx(
+        (logged["gar/val/d_accuracy_real"] + logged["gar/val/d_accuracy_fake"]) / 2)
+    assert logged["gar/val/encoder_expression_mse"] >= 0 and logged["gar/diverged"] == 0.0
     ckpt = torch.load(gar_run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3  # one batch = three optimizer steps (N, G+E, D)
     assert len(ckpt["optimizer_states"]) == 3
