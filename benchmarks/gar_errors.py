@@ -2,10 +2,10 @@
 
 Run from the checkout root after ``make demo`` (or any GAR fit)::
 
-    python -m benchmarks.gar_errors [--run RUN] [--split val|test|train] [--max-frames N]
+    python -m benchmarks.gar_errors [--run RUN] [--ckpt best|last] [--split val|test|train] [--max-frames N]
 
-RUN defaults to ``runs/gar/latest``, else the demo's ``runs/demo/gar/latest``; the checkpoint is its
-``last.ckpt`` (as :mod:`lightning_modules.export` reads it). Every frame of the split is rendered as
+RUN defaults to ``runs/gar/latest``, else the demo's ``runs/demo/gar/latest``; the checkpoint is the
+one the demo tests (``best.ckpt``, chosen on val, else ``last.ckpt``; ``--ckpt`` picks one). Every frame of the split is rendered as
 the evaluation step does, from its tracked codes (nothing looks at the frame): ``student`` (the
 student's rasterized colours), ``gar`` (the EMA generator with the mean training z) and
 ``gar_zero_features`` (the same with the point features zeroed). Each is scored by
@@ -78,20 +78,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run", default=None, help="a GAR run folder (default: runs/gar/latest, else runs/demo/gar/latest)")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("--max-frames", type=int, default=None, help="score the split's first N frames only")
+    parser.add_argument("--ckpt", choices=("best", "last"), default=None,
+                        help="the checkpoint (default: best.ckpt where the fit wrote one, else last.ckpt)")
     args = parser.parse_args(argv)
     from lightning_modules.export import ExportError, load_datamodule, load_gar_module
 
     run = Path(args.run) if args.run else next((r for r in DEFAULT_RUNS if r.exists()), DEFAULT_RUNS[0])
+    from lightning_modules.demo import selected_checkpoint
+
     try:
-        module, datamodule = load_gar_module(run), load_datamodule(run)
-    except ExportError as err:
+        name = f"{args.ckpt}.ckpt" if args.ckpt else selected_checkpoint(run).name
+        module, datamodule = load_gar_module(run, name), load_datamodule(run)
+    except (ExportError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     result = evaluate(module, datamodule, args.split, args.max_frames)
-    print(f"{run} ({args.split}, {result['frames']} frames, tracked codes, last.ckpt)")
+    print(f"{run} ({args.split}, {result['frames']} frames, tracked codes, {name})")
     print(format_table(result))
     printable = {k: ({m: v for m, v in d.items() if not m.startswith("frame_") and m not in ("spill_px", "miss_px")}
                      if isinstance(d, dict) else d) for k, d in result.items()}
-    print(json.dumps({"run": str(run), "split": args.split, **printable}))
+    print(json.dumps({"run": str(run), "checkpoint": name, "split": args.split, **printable}))
     return result
 
 

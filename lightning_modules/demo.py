@@ -69,8 +69,9 @@ __all__ = [
 
 #: The three training stages, in order.
 STAGES = ("teacher", "distill", "gar")
-#: The demo's fits, in order: the stages and the device-size GAR (a GAR fit with FIT_CONFIGS' override).
-FITS = ("teacher", "distill", "gar", "gar_device")
+#: The demo's fits, in order: the stages and the device-size GAR (a GAR fit with FIT_CONFIGS' override),
+#: fitted before the large one so that ``OUT/gar/latest`` points at the large GAR.
+FITS = ("teacher", "distill", "gar_device", "gar")
 #: A fit's stage (its experiments/<stage>.yaml and run folder), where it differs from the fit's name.
 FIT_STAGE = {"gar_device": "gar"}
 #: Further configs stacked last on a fit (under experiments/overrides/), and its run-name suffix.

@@ -180,8 +180,8 @@ class GARFrameGraph(nn.Module):
 # -- the run -----------------------------------------------------------------------------------
 
 
-def run_checkpoint(run_dir: str | Path) -> Path:
-    """``RUN_DIR/checkpoints/last.ckpt`` of a GAR run.
+def run_checkpoint(run_dir: str | Path, name: str = "last.ckpt") -> Path:
+    """``RUN_DIR/checkpoints/<name>`` of a GAR run (``last.ckpt``; ``best.ckpt``: the best on val).
 
     Raises:
         ExportError: when the folder or its last.ckpt is missing.
@@ -189,17 +189,17 @@ def run_checkpoint(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a folder: pass a GAR run folder such as runs/gar/latest")
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = run_dir / "checkpoints" / name
     if not ckpt.is_file():
         raise ExportError(
-            f"{run_dir} has no checkpoints/last.ckpt: pass a GAR run folder made by "
+            f"{run_dir} has no checkpoints/{name}: pass a GAR run folder made by "
             "`lightning fit --config experiments/gar.yaml` (e.g. runs/gar/latest)"
         )
     return ckpt
 
 
-def _read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    ckpt = run_checkpoint(run_dir)
+def _read_checkpoint(run_dir: str | Path, name: str = "last.ckpt") -> dict[str, Any]:
+    ckpt = run_checkpoint(run_dir, name)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     class_path = checkpoint.get("hyper_parameters", {}).get("_class_path") if isinstance(checkpoint, dict) else None
     if class_path != GAR_CLASS_PATH:
@@ -214,8 +214,8 @@ def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
-def load_gar_module(run_dir: str | Path) -> GARModule:
-    """The GAR module of a run, with its checkpoint's weights, in eval mode on the CPU.
+def load_gar_module(run_dir: str | Path, name: str = "last.ckpt") -> GARModule:
+    """The GAR module of a run, with its checkpoint's weights (``checkpoints/<name>``), in eval mode on the CPU.
 
     The frozen student's sizes come from the distillation checkpoint the run points to
     (``student_ckpt``); its weights and the generator's come from the GAR checkpoint.
@@ -225,7 +225,7 @@ def load_gar_module(run_dir: str | Path) -> GARModule:
             student checkpoint the run points to (it was replaced).
         UpstreamMissingError: the run's student checkpoint is gone (one line naming it).
     """
-    checkpoint = _read_checkpoint(run_dir)
+    checkpoint = _read_checkpoint(run_dir, name)
     init_args = _init_args(checkpoint["hyper_parameters"])
     module = GARModule(**init_args)
     module.on_load_checkpoint(checkpoint)  # what Lightning does on load (the collapse monitor's state)

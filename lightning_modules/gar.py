@@ -127,11 +127,14 @@ class GARModule(pl.LightningModule):
         ema_decay: of the evaluation copy of G (with warm-up: min(decay, (1 + n) / (10 + n)) at batch n).
         collapse_threshold, collapse_patience: the D-collapse health signal.
         divergence_factor, divergence_window, divergence_patience: the divergence guard
-            (:class:`~models.gan_losses.DivergenceGuard` on the G loss): ``patience`` consecutive steps
+            (:class:`~models.gan_losses.DivergenceGuard` on the reconstruction terms l1, ssim and
+            expression, weighted, averaged over DDP ranks): ``patience`` consecutive steps
             above ``factor`` x the median of the previous ``window`` steps, or a non-finite loss.
         divergence_margin_db: the guard also fires when a fit's val ``gar`` PSNR (full) falls this many
-            dB under the student's. A fired guard warns once and logs ``gar/diverged`` = 1; the
-            checkpoint the demo tests stays the best on val (``best.ckpt``).
+            dB under the best val PSNR of the same fit (a G that gets worse, not one still climbing
+            from grey). A fired guard warns once and logs ``gar/diverged`` = 1; the checkpoint the
+            demo tests stays the best on val (``best.ckpt``); the report names a GAR under its
+            student on val in its first line either way.
         points_per_pixel: rasterizer setting.
         residual: G refines the student's rasterized render (its colours rasterized with the
             features, ``GARGenerator(residual=True)``) instead of drawing the frame from the
@@ -146,9 +149,11 @@ class GARModule(pl.LightningModule):
         invert_steps, invert_lr: GAR's inversion, the ``gar_inverted/refined`` row (:meth:`invert`):
             E's (z, expression) refined by this many Adam steps through the frozen EMA generator;
             0 (the default) scores E's output as it is; ``experiments/gar.yaml`` asks for 20.
-        invert_from_tracking: the inversion starts E's expression from the frame's tracked code (E's
-            z as it is); False starts from E's own expression. E's own expression error against
-            tracking is logged on val and test (``gar/<split>/encoder_expression_mse``).
+        invert_from_tracking: the inversion (``gar_inverted/refined``) starts the expression from the
+            frame's tracked code, z from E's (``experiments/gar.yaml``); False (the default, as
+            generators trained before it were scored) starts from E's own expression. E's own
+            expression error against tracking is logged on val and test
+            (``gar/<split>/encoder_expression_mse``).
         refine_steps, refine_lr: the ``gar/refined`` row (:func:`~lightning_modules.metrics.refine_codes`
             from the tracked codes and the mean z); 0 steps: none.
 
@@ -204,7 +209,7 @@ class GARModule(pl.LightningModule):
         divergence_window: int = 20,
         divergence_patience: int = 3,
         divergence_margin_db: float = 1.0,
-        invert_from_tracking: bool = True,
+        invert_from_tracking: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -257,6 +262,7 @@ class GARModule(pl.LightningModule):
         self._last_renders: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # for visualize
         self._collapse_warned = False
         self._diverged_warned = False
+        self._best_val_psnr: float | None = None  # the fit's best val gar PSNR (full), for the guard
 
     # -- the frozen student --------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -410,7 +416,8 @@ class GARModule(pl.LightningModule):
         opt_g.step()
         self.untoggle_optimizer(opt_g)
         # the guard watches the terms the adversarial schedule leaves alone (the warm-up's end is no spike)
-        reconstruction = sum(float(w[k] * terms[k].detach()) for k in ("l1", "ssim", "expression"))
+        reconstruction = sum(w[k] * terms[k].detach() for k in ("l1", "ssim", "expression"))
+        reconstruction = float(self.trainer.strategy.reduce(reconstruction, reduce_op="mean"))  # one value on every rank
         if self.guard.update(reconstruction, self.global_step):
             self._warn_diverged(f"the reconstruction loss {reconstruction:.4g} stayed above "
                                 f"{self.guard.factor:g}x its recent median for {self.guard.patience} steps")
@@ -490,7 +497,7 @@ class GARModule(pl.LightningModule):
             z (B, z_dim) and expression (B, E), detached.
         """
         steps = self.hparams.invert_steps if steps is None else int(steps)
-        # E's z (and, with invert_from_tracking, the tracked expression) as the start
+        # E's z and E's expression (with invert_from_tracking: the tracked one) as the start
         with torch.no_grad():
             target = composite_on_white(batch.image, batch.mask)
             z, expression = self.encoder(target, batch.mask)
@@ -587,10 +594,13 @@ class GARModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             values = self.metrics.compute(split)
             self.log_dict(values)
-            gar, student = values.get("gar/tracked/val/full/psnr"), values.get("student/tracked/val/full/psnr")
+            gar = values.get("gar/tracked/val/full/psnr")
             margin = self.hparams.divergence_margin_db
-            if self.trainer.state.fn == "fit" and gar is not None and student is not None and gar < student - margin:
-                self._warn_diverged(f"val PSNR {gar:.2f} dB is more than {margin:g} dB under the student's {student:.2f}")
+            if self.trainer.state.fn == "fit" and gar is not None:
+                best = self._best_val_psnr
+                if best is not None and gar < best - margin:
+                    self._warn_diverged(f"val PSNR {gar:.2f} dB fell more than {margin:g} dB under this fit's best {best:.2f}")
+                self._best_val_psnr = gar if best is None else max(best, gar)
             if self.trainer.state.fn == "fit":
                 self.log(f"gar/{split}/diverged", float(self.guard.diverged))
         self.metrics.reset()
@@ -686,9 +696,17 @@ class GARModule(pl.LightningModule):
         checkpoint["collapse_warned"] = self._collapse_warned  # a resumed run does not warn twice
         checkpoint["divergence_guard"] = self.guard.state_dict()
         checkpoint["diverged_warned"] = self._diverged_warned
+        checkpoint["best_val_psnr"] = self._best_val_psnr
         checkpoint["num_points"] = self.student.num_points
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key, first in (("activation_gain", 1.0), ("residual_space", "logit")):  # not in the weights
+            was, now = saved.get(key, first), self.hparams[key]
+            if was != now:
+                raise ValueError(f"this GAR checkpoint's generator was trained with {key}={was!r}, not {now!r}: "
+                                 f"pass --model.init_args.{key}={was}")
+        self._best_val_psnr = checkpoint.get("best_val_psnr")
         if "collapse_monitor" in checkpoint:
             self.collapse.load_state_dict(checkpoint["collapse_monitor"])
         self._collapse_warned = bool(checkpoint.get("collapse_warned", False))

@@ -347,15 +347,19 @@ class Flicker(Metric):
     (R: renders on white, G: frames on white under their masks, means over the masked pixels and
     the 3 channels); the metric is the mean over pairs, in [0, 1] units of the image. 0: the render
     changes as much as the video does; > 0: it changes more (flicker); < 0: less (a render that
-    lags or freezes). Pairs are consecutive frames of the stream whose frame numbers increase (the
-    val and test splits are contiguous blocks of the clip, evaluated in order); a stream whose
-    frame number goes back starts a new sequence. Under DDP each rank's pairs are summed (the
-    frames at a rank boundary are not paired).
+    lags or freezes). A pair is two frames of the stream whose frame numbers are consecutive
+    (t = t-1 + 1: the val and test splits are contiguous blocks of the clip, evaluated in order);
+    any other step (a thinned val split, ``val_every`` > 1; the next sequence) pairs nothing, so the
+    metric never compares frames far apart. Under DDP each rank sees every W-th frame and pairs
+    nothing: run it on one device (the demo does).
 
     Shapes:
         update(pred, target, mask, frame_index): pred and target (B, 3, H, W) float on white,
         mask (B, 1, H, W) in [0, 1], frame_index (B,) int64. compute() -> 0-dim float (NaN when no
         pair was seen).
+
+    Raises:
+        ValueError: (update) shapes that are not (B, 3, H, W) / (B, 1, H, W).
     """
 
     full_state_update = False
@@ -373,7 +377,7 @@ class Flicker(Metric):
         frames = list(zip(pred.float(), target.float(), mask.float(), frame_index.reshape(-1).tolist()))
         for p, g, m, f in frames:
             prev = self._previous
-            if prev is not None and f > prev[3]:
+            if prev is not None and f == prev[3] + 1:
                 union = torch.maximum(m, prev[2])  # (1, H, W)
                 weight = 3 * union.sum()
                 if weight > 0:

@@ -311,8 +311,8 @@ class GARGenerator(nn.Module):
         residual_space: where a residual G adds its correction. ``"logit"``: sigmoid(to_rgb(x) +
             logit(base)), base clamped to [1e-3, 1 - 1e-3] (turning a white pixel into skin then
             needs a logit step of about -6.5: the silhouette is stiff); ``"rgb"``: base + to_rgb(x),
-            the same step everywhere, clamped to [0, 1] in evaluation mode only (in training the
-            loss pulls values outside [0, 1] back, where a clamp would stop the gradient).
+            the same step everywhere, clamped to [0, 1] (in training mode a straight-through clamp:
+            the gradient passes as if unclamped, so a pixel pushed past 1 can be pulled back).
         activation_gain: multiplies every LeakyReLU's output. StyleGAN2 uses sqrt(2) (its ``bias_act``
             gain for lrelu), which keeps unit-variance activations unit-variance through the
             demodulated convolutions; at 1.0 (the first version, kept for its checkpoints) each layer
@@ -415,7 +415,10 @@ class GARGenerator(nn.Module):
         logits = self.to_rgb(x, w)  # (B, 3, H, W)
         if self.residual and self.residual_space == "rgb":
             out = base + logits
-            return out if self.training else out.clamp(0.0, 1.0)
+            clamped = out.clamp(0.0, 1.0)
+            # training: straight-through (the value clamped, the gradient as if not), so D, N and E see
+            # images in [0, 1] while a pixel pushed past 1 can still be pulled back
+            return out + (clamped - out).detach() if self.training else clamped
         if self.residual:
             logits = logits + torch.logit(base.clamp(0.0, 1.0), eps=_BASE_EPS)
         return torch.sigmoid(logits)

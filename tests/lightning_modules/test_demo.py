@@ -114,8 +114,8 @@ def test_demo_report_matches_the_runs(demo):
     assert 0 < device["params"] == device_test["params/gar"] < rows["gar/tracked"]["params"]
     assert 0 < device["flops_per_frame"] < rows["gar/tracked"]["flops_per_frame"]
     assert device["training_time_s"] == report["timings_s"]["gar_device_fit"] > 0
-    for model in ("student", "gar", "gar_device"):  # flicker of the student and both GARs
-        assert isinstance(rows[f"{model}/tracked"]["test"]["full"]["flicker"], float), model
+    for model in ("student", "gar", "gar_device"):  # the tiny head's views are no sequence: no flicker figure
+        assert rows[f"{model}/tracked"]["test"]["full"]["flicker"] is None, model
     for model in ("gar_zero_features", "gar_shuffled_features"):
         assert rows[f"{model}/tracked"]["test"]["full"]["psnr"] == gar_test[f"{model}/tracked/test/full/psnr"]
 

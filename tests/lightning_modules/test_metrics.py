@@ -206,8 +206,9 @@ def test_flicker_hand_value_over_batches_and_a_new_sequence():
     flicker.update(pred[2:], gt[2:], masks[2:], torch.tensor([12]))  # pairs with frame 11 of the last batch
     assert int(flicker.pairs) == 2
     assert flicker.compute().item() == pytest.approx(0.1, abs=1e-6)
-    # a frame number that goes back starts a new sequence: no pair
+    # a frame number that goes back, or skips one, pairs nothing
     flicker.update(pred[:1], gt[:1], masks[:1], torch.tensor([3]))
+    flicker.update(pred[1:2], gt[1:2], masks[1:2], torch.tensor([5]))
     assert int(flicker.pairs) == 2
     flicker.reset()
     assert torch.isnan(flicker.compute()) and int(flicker.pairs) == 0
