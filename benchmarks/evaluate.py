@@ -57,7 +57,7 @@ def subject_name(video: str | None) -> str:
 def _value(report: Mapping[str, Any], row: str, column: tuple[str, str, str]) -> float | None:
     split, region, metric = column
     entry = report["rows"].get(row)
-    value = None if entry is None else entry[split][region][metric]
+    value = None if entry is None else entry[split][region].get(metric)  # reports before a metric lack it
     return value if isinstance(value, int | float) and math.isfinite(value) else None
 
 
