@@ -142,9 +142,9 @@ class GARModule(pl.LightningModule):
             render rather than from grey).
         residual_space: ``"logit"`` or ``"rgb"``: where a residual G adds its correction
             (:class:`~models.renderer.GARGenerator`).
-        activation_gain: G's LeakyReLU gain (:class:`~models.renderer.GARGenerator`): StyleGAN2's
-            sqrt(2) in ``experiments/gar.yaml``; the default 1.0 is the first version's, so its
-            checkpoints load unchanged.
+        activation_gain: G's LeakyReLU gain (:class:`~models.renderer.GARGenerator`): 1.0, the first
+            version's (its checkpoints load unchanged); StyleGAN2's sqrt(2) lets G learn more and,
+            at the CPU demo's scale, overfit more (docs/gar.md).
         seed: seeds the z-swap permutations (one generator per step).
         invert_steps, invert_lr: GAR's inversion, the ``gar_inverted/refined`` row (:meth:`invert`):
             E's (z, expression) refined by this many Adam steps through the frozen EMA generator;
