@@ -276,7 +276,11 @@ def gar_warnings(report: Mapping[str, Any]) -> list[str]:
 
 def feature_ablation_lines(report: Mapping[str, Any], split: str = "test", region: str = "full") -> list[str]:
     """How much the large GAR's PSNR owes to the student's point features: real f_s against f_s
-    zeroed and shuffled (the design needs the real features to win by >= 1 dB)."""
+    zeroed and shuffled (the design needs the real features to win by >= 1 dB).
+
+    Returns:
+        one sentence per ablation row the report holds on ``split``/``region`` (none without them).
+    """
     real = _psnr(report, "gar", split, region)
     lines = []
     for model, what in (("gar_zero_features", "zeroed"), ("gar_shuffled_features", "shuffled")):

@@ -464,10 +464,12 @@ class DivergenceGuard:
         return False
 
     def state_dict(self) -> dict:
+        """The guard's settings, loss history, spike count and ``diverged_at`` (checkpointed by the GAR stage)."""
         return {"factor": self.factor, "window": self.window, "patience": self.patience,
                 "history": list(self.history), "spikes": self.spikes, "diverged_at": self.diverged_at}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (a resumed fit keeps its history and flag)."""
         self.factor, self.window, self.patience = float(state["factor"]), int(state["window"]), int(state["patience"])
         self.history, self.spikes = [float(v) for v in state["history"]], int(state["spikes"])
         self.diverged_at = None if state["diverged_at"] is None else int(state["diverged_at"])
