@@ -114,7 +114,8 @@ def format_evaluation(result: Mapping[str, Any]) -> str:
                   f"demo time {result['times_s'][subject]:.0f} s; report: `{result['reports'][subject]}`.", ""]
         from lightning_modules.report import feature_ablation_lines, gar_warnings, verdicts
 
-        lines += [*gar_warnings(report), ""] if gar_warnings(report) else []
+        warnings = gar_warnings(report)
+        lines += [*warnings, ""] if warnings else []
         lines += _table(values) + [""]
         lines += [f"- {line}" for line in verdicts(report)]
         lines += [f"- GAR point features (test, full): {line}" for line in feature_ablation_lines(report)]

@@ -413,8 +413,7 @@ def run_demo(
             fit_dirs[stage] = Path(previous["runs"][f"{stage}_fit"])
             selected[stage] = Path(previous["selected_checkpoints"][stage])
             timings[f"{stage}_fit"] = previous["timings_s"][f"{stage}_fit"]
-            step += 1
-            log(f"\n==> demo [{step}/{total_steps}] {stage} fit: reused {fit_dirs[stage]} ({selected[stage].name})")
+            announce(f"{stage} fit: reused {fit_dirs[stage]} ({selected[stage].name})")
             continue
         run_name = demo_id + FIT_SUFFIX.get(stage, "")
         args = stage_args("fit", stage, overrides, out, run_name, upstream_ckpt=upstream_ckpt, video=video)
@@ -432,8 +431,7 @@ def run_demo(
         for subcommand, suffix in (("validate", "val"), ("test", "test")):
             if stage in reuse:
                 eval_dirs[f"{stage}_{suffix}"] = Path(previous["runs"][f"{stage}_{suffix}"])
-                step += 1
-                log(f"\n==> demo [{step}/{total_steps}] {stage} {subcommand}: reused {eval_dirs[f'{stage}_{suffix}']}")
+                announce(f"{stage} {subcommand}: reused {eval_dirs[f'{stage}_{suffix}']}")
                 continue
             run_name = f"{demo_id}{FIT_SUFFIX.get(stage, '')}-{suffix}"
             args = stage_args(subcommand, stage, overrides, out, run_name, upstream_ckpt=upstream_ckpt,

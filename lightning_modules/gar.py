@@ -252,7 +252,7 @@ class GARModule(pl.LightningModule):
         self.normal_estimator = NormalEstimator()
         self.register_buffer("z_mean", torch.zeros(z_dim))  # running mean of the training z (gar_meanz)
         self.collapse = CollapseMonitor(collapse_threshold, collapse_patience)
-        self.guard = DivergenceGuard(divergence_factor, divergence_window, divergence_patience)
+        self.guard = DivergenceGuard(divergence_factor, divergence_window, divergence_patience, divergence_margin_db)
         self.metrics = HeldOutMetrics(ROWS, swd_models=("student", "gar", "gar_inverted"),
                                       flicker_models=("student", "gar"))
         # a fixed point order for the shuffled-feature ablation (f_s of other points, same statistics)
@@ -261,8 +261,6 @@ class GARModule(pl.LightningModule):
         self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
         self._last_renders: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # for visualize
         self._collapse_warned = False
-        self._diverged_warned = False
-        self._best_val_psnr: float | None = None  # the fit's best val gar PSNR (full), for the guard
 
     # -- the frozen student --------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -469,15 +467,11 @@ class GARModule(pl.LightningModule):
                       batch_size=batch_size, sync_dist=True)
 
     def _warn_diverged(self, reason: str) -> None:
-        """Mark the fit as diverged (if the guard has not already) and warn once."""
-        if self.guard.diverged_at is None:
-            self.guard.diverged_at = int(self.global_step)
-        if not self._diverged_warned:
-            rank_zero_warn(
-                f"step {self.global_step}: the GAR fit diverged ({reason}); the run's best.ckpt (best val PSNR) is "
-                "the checkpoint to test, not last.ckpt; lower lr_g / lr_d or the adversarial weights"
-            )
-            self._diverged_warned = True
+        """The one warning of a fit the guard has just flagged (its update returned True)."""
+        rank_zero_warn(
+            f"step {self.global_step}: the GAR fit diverged ({reason}); the run's best.ckpt (best val PSNR) is "
+            "the checkpoint to test, not last.ckpt; lower lr_g / lr_d or the adversarial weights"
+        )
 
     # -- evaluation -------------------------------------------------------------------------------------
     def invert(self, batch, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,12 +589,11 @@ class GARModule(pl.LightningModule):
             values = self.metrics.compute(split)
             self.log_dict(values)
             gar = values.get("gar/tracked/val/full/psnr")
-            margin = self.hparams.divergence_margin_db
             if self.trainer.state.fn == "fit" and gar is not None:
-                best = self._best_val_psnr
-                if best is not None and gar < best - margin:
-                    self._warn_diverged(f"val PSNR {gar:.2f} dB fell more than {margin:g} dB under this fit's best {best:.2f}")
-                self._best_val_psnr = gar if best is None else max(best, gar)
+                best = self.guard.best_val
+                if self.guard.update_val(gar, self.global_step):
+                    self._warn_diverged(f"val PSNR {gar:.2f} dB fell more than {self.guard.margin:g} dB under this "
+                                        f"fit's best {best:.2f}")
             if self.trainer.state.fn == "fit":
                 self.log(f"gar/{split}/diverged", float(self.guard.diverged))
         self.metrics.reset()
@@ -694,9 +687,7 @@ class GARModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["collapse_monitor"] = self.collapse.state_dict()
         checkpoint["collapse_warned"] = self._collapse_warned  # a resumed run does not warn twice
-        checkpoint["divergence_guard"] = self.guard.state_dict()
-        checkpoint["diverged_warned"] = self._diverged_warned
-        checkpoint["best_val_psnr"] = self._best_val_psnr
+        checkpoint["divergence_guard"] = self.guard.state_dict()  # a resumed run keeps its flag: no second warning
         checkpoint["num_points"] = self.student.num_points
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -706,10 +697,8 @@ class GARModule(pl.LightningModule):
             if was != now:
                 raise ValueError(f"this GAR checkpoint's generator was trained with {key}={was!r}, not {now!r}: "
                                  f"pass --model.init_args.{key}={was}")
-        self._best_val_psnr = checkpoint.get("best_val_psnr")
         if "collapse_monitor" in checkpoint:
             self.collapse.load_state_dict(checkpoint["collapse_monitor"])
         self._collapse_warned = bool(checkpoint.get("collapse_warned", False))
         if "divergence_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["divergence_guard"])
-        self._diverged_warned = bool(checkpoint.get("diverged_warned", False))

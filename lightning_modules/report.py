@@ -218,17 +218,19 @@ def build_report(
     }
 
 
+def _psnr(report: Mapping[str, Any], model: str, split: str, region: str = "full") -> float | None:
+    row = report["rows"].get(row_id(model, "tracked"))
+    return None if row is None else row[split][region]["psnr"]
+
+
 def verdicts(report: Mapping[str, Any], split: str = "test", region: str = "full") -> list[str]:
     """One sentence per trained model (tracked): does its PSNR beat both baselines on ``split``/``region``?
 
     A model that does not beat ``baseline_nearest`` has learned nothing beyond retrieving the
     training frame nearest in expression and pose.
     """
-    rows = report["rows"]
-
     def psnr(model: str) -> float | None:
-        row = rows.get(row_id(model, "tracked"))
-        return None if row is None else row[split][region]["psnr"]
+        return _psnr(report, model, split, region)
 
     nearest, mean = psnr("baseline_nearest"), psnr("baseline_mean")
     lines = []
@@ -245,11 +247,6 @@ def verdicts(report: Mapping[str, Any], split: str = "test", region: str = "full
             lines.append(f"{model} ({value:.2f} dB) does NOT beat {' or '.join(missed)}"
                          + (f"; it beats {beaten[0]}." if beaten else "."))
     return lines
-
-
-def _psnr(report: Mapping[str, Any], model: str, split: str, region: str = "full") -> float | None:
-    row = report["rows"].get(row_id(model, "tracked"))
-    return None if row is None else row[split][region]["psnr"]
 
 
 def gar_warnings(report: Mapping[str, Any]) -> list[str]:

@@ -408,29 +408,34 @@ class CollapseMonitor:
 
 
 class DivergenceGuard:
-    """Flags a diverging GAN fit: a loss far above its recent median.
+    """Flags a diverging GAN fit: a loss far above its recent median, or a val score that falls.
 
     The failure it is built for (issue "a GAR that really helps"): the GAR's training L1 jumped ten-fold
     within an epoch while the fit ended normally. :meth:`update` compares each step's loss with the
     median of the previous ``window`` finite losses and counts a *spike* when it exceeds ``factor``
     times that median; ``patience`` consecutive spikes (or one non-finite loss) mark the fit as
-    diverged, and the flag stays set. Pure Python: no tensors kept, no lightning.
+    diverged. :meth:`update_val` marks it when a val score (higher is better, e.g. PSNR in dB) falls
+    more than ``margin`` under the best score seen so far. The flag stays set. Pure Python: no
+    tensors kept, no lightning.
 
     Args:
         factor: spike threshold as a multiple of the recent median (> 1).
         window: finite losses the median is taken over; no spike is counted before the window is full.
         patience: consecutive spikes that count as divergence (>= 1).
+        margin: the fall of the val score under its best that counts as divergence (>= 0).
 
     Raises:
-        ValueError: factor <= 1, window < 1 or patience < 1.
+        ValueError: factor <= 1, window < 1, patience < 1 or margin < 0.
     """
 
-    def __init__(self, factor: float = 4.0, window: int = 20, patience: int = 3) -> None:
-        if not factor > 1 or window < 1 or patience < 1:
-            raise ValueError(f"need factor > 1, window >= 1 and patience >= 1, got {factor}, {window}, {patience}")
-        self.factor, self.window, self.patience = float(factor), int(window), int(patience)
+    def __init__(self, factor: float = 4.0, window: int = 20, patience: int = 3, margin: float = 1.0) -> None:
+        if not factor > 1 or window < 1 or patience < 1 or not margin >= 0:
+            raise ValueError(f"need factor > 1, window >= 1, patience >= 1 and margin >= 0, got {factor}, {window}, "
+                             f"{patience}, {margin}")
+        self.factor, self.window, self.patience, self.margin = float(factor), int(window), int(patience), float(margin)
         self.history: list[float] = []
         self.spikes = 0
+        self.best_val: float | None = None  # the best val score so far
         self.diverged_at: int | None = None  # the step the flag was first raised at
 
     @property
@@ -445,12 +450,18 @@ class DivergenceGuard:
         mid = len(values) // 2
         return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
+    def _flag(self, step: int) -> bool:
+        """Raise the flag at ``step``; True when it was not raised before."""
+        if self.diverged_at is not None:
+            return False
+        self.diverged_at = int(step)
+        return True
+
     def update(self, loss: float, step: int) -> bool:
         """Record one step's loss (a float or 0-dim tensor) at ``step``; return True on the step
         the fit is first flagged as diverged (False before and after)."""
         value = float(loss)
         if not math.isfinite(value):
-            spike = True
             self.spikes = self.patience  # a NaN or inf is divergence at once
         else:
             median = self.median()
@@ -458,18 +469,30 @@ class DivergenceGuard:
             self.spikes = self.spikes + 1 if spike else 0
             if not spike:  # a spike does not enter the reference it is judged against
                 self.history = (self.history + [value])[-self.window:]
-        if self.spikes >= self.patience and self.diverged_at is None:
-            self.diverged_at = int(step)
-            return True
-        return False
+        return self.spikes >= self.patience and self._flag(step)
+
+    def update_val(self, score: float, step: int) -> bool:
+        """Record a val score (higher is better) at ``step``; return True when it falls more than
+        ``margin`` under the best score before it and the fit is first flagged so (False otherwise).
+        A non-finite score is ignored."""
+        value = float(score)
+        if not math.isfinite(value):
+            return False
+        best = self.best_val
+        self.best_val = value if best is None else max(best, value)
+        return best is not None and value < best - self.margin and self._flag(step)
 
     def state_dict(self) -> dict:
-        """The guard's settings, loss history, spike count and ``diverged_at`` (checkpointed by the GAR stage)."""
-        return {"factor": self.factor, "window": self.window, "patience": self.patience,
-                "history": list(self.history), "spikes": self.spikes, "diverged_at": self.diverged_at}
+        """The guard's settings, loss history, spike count, best val score and ``diverged_at``
+        (checkpointed by the GAR stage)."""
+        return {"factor": self.factor, "window": self.window, "patience": self.patience, "margin": self.margin,
+                "history": list(self.history), "spikes": self.spikes, "best_val": self.best_val,
+                "diverged_at": self.diverged_at}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (a resumed fit keeps its history and flag)."""
+        """Restore what :meth:`state_dict` returned (a resumed fit keeps its history, best and flag)."""
         self.factor, self.window, self.patience = float(state["factor"]), int(state["window"]), int(state["patience"])
+        self.margin = float(state.get("margin", self.margin))
         self.history, self.spikes = [float(v) for v in state["history"]], int(state["spikes"])
+        self.best_val = None if state.get("best_val") is None else float(state["best_val"])
         self.diverged_at = None if state["diverged_at"] is None else int(state["diverged_at"])

@@ -310,3 +310,17 @@ def test_divergence_guard_needs_a_full_window_and_flags_nan_at_once():
     assert guard.update(float("nan"), 2) and guard.diverged_at == 2
     with pytest.raises(ValueError, match="factor > 1"):
         DivergenceGuard(factor=1.0)
+
+
+def test_divergence_guard_flags_a_val_score_falling_under_its_best():
+    guard = DivergenceGuard(margin=1.0)
+    assert not guard.update_val(20.0, 10) and not guard.update_val(21.5, 20)  # climbing: no flag
+    assert not guard.update_val(20.6, 30) and guard.best_val == 21.5  # 0.9 dB under the best
+    assert not guard.update_val(float("nan"), 35) and guard.best_val == 21.5  # ignored
+    assert guard.update_val(20.4, 40) and guard.diverged_at == 40  # 1.1 dB under: flagged once
+    assert not guard.update_val(19.0, 50) and not guard.update(float("nan"), 51) and guard.diverged_at == 40
+    again = DivergenceGuard()
+    again.load_state_dict(guard.state_dict())
+    assert again.state_dict() == guard.state_dict()
+    with pytest.raises(ValueError, match="margin >= 0"):
+        DivergenceGuard(margin=-1.0)
