@@ -173,7 +173,7 @@ def evaluate(module, datamodule, split: str, refined: bool = True, canonical=Non
     are computed here unless given, so a caller scoring several splits computes them once.
     """
     from lightning_modules.metrics import Baselines, nearest_training_frames
-    from lightning_modules.teacher import with_code_corrections
+    from lightning_modules.stage import with_code_corrections
 
     batch = _split_frames(datamodule, split)
     if canonical is None:

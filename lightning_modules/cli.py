@@ -22,7 +22,9 @@ W&B run a call starts ends with it; a resumed fit continues the run's W&B run.
 
 A stage module declares ``stage`` (its folder under ``runs/``) and may declare ``monitor`` /
 ``monitor_mode`` (the metric that selects ``best.ckpt``) and ``upstream = (stage, init_arg)``
-(the stage whose checkpoint it loads, checked before a run folder is made). Every datamodule exposes
+(the stage whose checkpoint it loads, checked before a run folder is made, and pinned: the saved
+config records the file resolved, ``latest`` followed, and its SHA-256 as ``<init_arg>_sha256``;
+:mod:`lightning_modules.handoff`). The protocol is declared once in :class:`~lightning_modules.stage.Stage`. Every datamodule exposes
 ``expression_dim`` and ``image_size``, linked into the model's init args at instantiation.
 """
 
@@ -43,6 +45,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_modules.handoff import UpstreamChangedError, pin_upstream
 from lightning_modules.resume import PeriodicCheckpoint, RandomState
 from lightning_modules.run_folder import (
     RUN_DIR_ENV,
@@ -51,7 +54,6 @@ from lightning_modules.run_folder import (
     UpstreamMissingError,
     point_latest,
     resolve_run_dir,
-    upstream_checkpoint,
 )
 
 __all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
@@ -62,6 +64,18 @@ _RUN_KEYS = ("run_dir", "run_name")
 def _model_class(class_path: str) -> type:
     module_name, _, class_name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def _recorded_upstream(cfg, stage: str, key: str) -> tuple[str | None, str | None]:
+    """The upstream path and hash a fit to be resumed recorded in its ``last.ckpt`` ((None, None) if none)."""
+    run_dir = cfg.run_dir or (Path(cfg.runs_root) / stage / cfg.run_name if cfg.run_name else None)
+    last = Path(run_dir) / "checkpoints" / "last.ckpt" if run_dir is not None else None
+    if last is None or not last.is_file():
+        return None, None  # resolve_run_dir reports the missing checkpoint
+    import torch
+
+    saved = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+    return saved.get(key), saved.get(f"{key}_sha256")
 
 
 def stage_of(class_path: str) -> str:
@@ -156,13 +170,18 @@ class AvatarCLI(LightningCLI):
             self.parser.error(f"--checkpoint_every_n_batches must be >= 0, got {cfg.checkpoint_every_n_batches}")
 
         # a stage that builds on another checks its checkpoint before any folder is made
+        # and pins it: config.yaml records the file it resolved and its hash (never `latest`)
         upstream = getattr(_model_class(cfg.model.class_path), "upstream", None)
         if upstream is not None:
             upstream_stage, key = upstream
+            given = cfg.model.init_args.get(key), cfg.model.init_args.get(f"{key}_sha256")
+            if given == (None, None) and cfg.get("ckpt_path") == "last":  # resume: the upstream it was trained on
+                given = _recorded_upstream(cfg, self.stage, key)
             try:
-                upstream_checkpoint(cfg.model.init_args.get(key), upstream_stage, key, cfg.runs_root)
-            except UpstreamMissingError as err:
+                path, digest = pin_upstream(*given, upstream_stage, key, cfg.runs_root)
+            except (UpstreamMissingError, UpstreamChangedError) as err:
                 self.parser.error(str(err))
+            cfg.model.init_args[key], cfg.model.init_args[f"{key}_sha256"] = str(path), digest
 
         clean = copy.deepcopy(cfg)
         for key in _RUN_KEYS:

@@ -48,7 +48,7 @@ with torch's current number of threads. FLOPs: fvcore through :mod:`lightning_mo
 ``student_flop_target(student).canonical(N)`` for the one-off cost, their ``per_frame(N)`` for
 deform + shade, the rasterizer left out as in every ``flops_per_frame`` figure (its time is in
 the milliseconds), and for ``student_gar`` deformation + shading + generator as
-:meth:`GARModule._frame_costs` counts them. The ``teacher_table`` frame runs from the float32
+:meth:`GARModule.frame_costs` counts them. The ``teacher_table`` frame runs from the float32
 file read back (``np.load``), so the table is shown to be enough to render; its render is compared
 with the teacher's (``fidelity``).
 
@@ -383,8 +383,8 @@ def _rasterize(points, colors, world_mat, K, size: int, radius, points_per_pixel
 
 # -- the table --------------------------------------------------------------------------------------------
 def _load_models(teacher_ckpt: Path, student_ckpt: Path, gar_ckpt: Path):
-    from lightning_modules.distill import load_student
     from lightning_modules.gar import GARModule
+    from lightning_modules.handoff import load_student
     from lightning_modules.teacher import TeacherModule
 
     loaders = (
@@ -429,7 +429,7 @@ def deployment_table(
 
     Args:
         teacher_ckpt: a teacher stage checkpoint (``TeacherModule``).
-        student_ckpt: a distillation checkpoint (its ``student`` entry, :func:`~lightning_modules.distill.load_student`).
+        student_ckpt: a distillation checkpoint (its ``student`` entry, :func:`~lightning_modules.handoff.load_student`).
         gar_ckpt: a GAR stage checkpoint trained on that student.
         out_dir: output folder: new, empty, or made by this tool (:func:`prepare_out_dir`).
         image_size: S of the timed frame (pixels, square); default the frame's (or the GAR run's).

@@ -42,11 +42,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
+from lightning_modules.handoff import class_path_of, load_teacher
 from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
@@ -54,8 +54,7 @@ from lightning_modules.metrics import (
     refined_render,
     time_per_frame,
 )
-from lightning_modules.run_folder import upstream_checkpoint
-from lightning_modules.teacher import TeacherModule, check_finite_losses, with_code_corrections
+from lightning_modules.stage import Row, Stage, check_finite_losses, merge_weights, with_code_corrections
 from models.adapters import FeatureAdapter
 from models.camera import pixel_radius
 from models.codes import FrameCodeCorrections
@@ -75,34 +74,10 @@ from models.rasterizer import PointRasterizer
 from models.student import CanonicalForward, Student, StudentCanonical
 from models.teacher import CanonicalOutput, PointAvatarTeacher
 
-__all__ = ["DistillModule", "load_code_corrections", "load_student", "student_flop_target"]
+__all__ = ["DistillModule", "student_flop_target"]
 
 DEFAULT_LOSS_WEIGHTS = {"gt": 1.0, "out": 1.0, "feat": 1.0, "graph": 1.0}
 DEFAULT_GT_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2}
-
-
-def load_student(path: str, map_location: str | torch.device = "cpu") -> Student:
-    """The student of a distillation checkpoint, without the teacher (GAR stage, export).
-
-    Raises:
-        KeyError: when the checkpoint holds no student (not made by the distillation stage).
-    """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    if "student" not in checkpoint:
-        raise KeyError(f"{path} holds no student: make one with `lightning fit --config experiments/distill.yaml`")
-    entry = checkpoint["student"]
-    student = Student(**entry["init_args"])
-    student.load_state_dict(entry["state_dict"])
-    student.recalibrate_batchnorm()  # exact statistics, also for checkpoints made before the stage did it
-    return student
-
-
-def load_code_corrections(path: str, map_location: str | torch.device = "cpu") -> FrameCodeCorrections | None:
-    """The teacher's per-frame code corrections saved in a distillation checkpoint (frozen), or None
-    when its teacher was fitted without code refinement (GAR stage)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    codes = FrameCodeCorrections.from_state_dict(checkpoint.get("state_dict", {}), "codes.")
-    return codes.requires_grad_(False) if codes is not None else None
 
 
 class _StudentFrame(torch.nn.Module):
@@ -153,13 +128,16 @@ def student_flop_target(student: Student) -> FlopTarget:
     )
 
 
-class DistillModule(pl.LightningModule):
+class DistillModule(Stage):
     """Knowledge distillation of the teacher avatar into the student.
 
     Args:
         expression_dim, image_size: from the datamodule (linked by the CLI); ``expression_dim``
             must equal the teacher's.
-        teacher_ckpt: the teacher checkpoint (default ``runs/teacher/latest/checkpoints/last.ckpt``).
+        teacher_ckpt: the teacher checkpoint (default ``runs/teacher/latest/checkpoints/last.ckpt``);
+            the run records the file it resolved here (:meth:`~lightning_modules.stage.Stage.bind_upstream`).
+        teacher_ckpt_sha256: the SHA-256 of that file, recorded by the run (None: a new run); a
+            reload checks the file against it.
         student: init args of :class:`models.student.Student` that differ from its defaults
             (``expression_dim`` comes from the teacher).
         loss_weights: λ of {gt, out, feat, graph}; 0 switches a term off.
@@ -179,6 +157,7 @@ class DistillModule(pl.LightningModule):
 
     Raises:
         UpstreamMissingError: no teacher checkpoint (one line naming the command that makes it).
+        UpstreamChangedError: the recorded teacher checkpoint's bytes changed.
         ValueError: unknown loss names, a dataset whose E differs from the teacher's, or a
             negative warm-up setting or ``deformation_weight``.
     """
@@ -193,6 +172,7 @@ class DistillModule(pl.LightningModule):
         expression_dim: int = 16,
         image_size: int = 128,
         teacher_ckpt: str | None = None,
+        teacher_ckpt_sha256: str | None = None,
         student: dict[str, Any] | None = None,
         loss_weights: dict[str, float] | None = None,
         gt_weights: dict[str, float] | None = None,
@@ -221,25 +201,15 @@ class DistillModule(pl.LightningModule):
             raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {refine_steps} and {refine_lr}")
         if not deformation_weight >= 0:
             raise ValueError(f"deformation_weight must be >= 0, got {deformation_weight}")
-        for name, given, known in (
-            ("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS),
-            ("gt_weights", gt_weights, DEFAULT_GT_WEIGHTS),
-        ):
-            unknown = set(given or {}) - set(known)
-            if unknown:
-                raise ValueError(f"unknown {name} {sorted(unknown)}; known: {sorted(known)}")
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
-        self.gt_weights = {**DEFAULT_GT_WEIGHTS, **(gt_weights or {})}
+        self.loss_weights = merge_weights("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS)
+        self.gt_weights = merge_weights("gt_weights", gt_weights, DEFAULT_GT_WEIGHTS)
 
-        path = upstream_checkpoint(teacher_ckpt, "teacher", "teacher_ckpt")
-        teacher_module = TeacherModule.load_from_checkpoint(path, map_location="cpu")
-        self.teacher: PointAvatarTeacher = teacher_module.teacher
-        self.teacher.requires_grad_(False).eval()
+        path = self.bind_upstream()  # the teacher this run trains on, pinned by path and hash
         # the teacher's corrected codes of the training frames (None: fitted without code refinement);
         # saved with the student, so the GAR trains on them too
-        self.codes: FrameCodeCorrections | None = teacher_module.codes
-        if self.codes is not None:
-            self.codes.requires_grad_(False)
+        self.teacher: PointAvatarTeacher
+        self.codes: FrameCodeCorrections | None
+        self.teacher, self.codes = load_teacher(path)
         if self.teacher.expression_dim != expression_dim:
             raise ValueError(
                 f"the dataset's expression_dim {expression_dim} differs from the teacher's "
@@ -260,8 +230,6 @@ class DistillModule(pl.LightningModule):
         self.metrics = HeldOutMetrics({"baseline_mean": ("tracked",), "baseline_nearest": ("tracked",),
                                        "teacher": ("tracked",), "student": ("tracked", "refined")})
         self.strict_loading = False  # checkpoints omit the frozen teacher
-        self._eval_student: StudentCanonical | None = None
-        self._frame_cost: dict[str, float] = {}
 
     # -- the frozen teacher ------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -346,64 +314,43 @@ class DistillModule(pl.LightningModule):
 
     def _refine(self) -> bool:
         """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
-        return self.hparams.refine_steps > 0 and self.trainer.state.fn != "fit"
+        return self.hparams.refine_steps > 0 and self.outside_fit
 
     def _refined_render(self, batch, canonical) -> torch.Tensor:
         """The ``refined`` protocol's render of ``batch`` (codes refined against its frames, student frozen)."""
         hp = self.hparams
         return refined_render(self._render_codes, batch, hp.refine_steps, hp.refine_lr, inputs=(canonical,))
 
-    def _eval_step(self, batch) -> None:
-        if self._eval_student is None:  # per subject: once per evaluation epoch
-            self._eval_student = self.student.canonical()
-        _, s_raster = self.render_student(batch, self._eval_student)
+    def _student_canonical(self) -> StudentCanonical:
+        """The student's canonical outputs, once per evaluation epoch."""
+        return self.cached("student", self.student.canonical)
+
+    def eval_renders(self, batch) -> dict[str, Row]:
+        canonical = self._student_canonical()
+        _, s_raster = self.render_student(batch, canonical)
         _, t_raster = self.render_teacher(batch)
-        self.metrics.update("student", "tracked", s_raster.image[:, :3], batch.image, batch.mask)
-        self.metrics.update("teacher", "tracked", t_raster.image[:, :3], batch.image, batch.mask)
-        self.metrics.update_baselines(self.trainer, batch)
+        renders = {"student": ("student", "tracked", s_raster.image[:, :3]),
+                   "teacher": ("teacher", "tracked", t_raster.image[:, :3])}
         if self._refine():
-            self.metrics.update("student", "refined", self._refined_render(batch, self._eval_student),
-                                batch.image, batch.mask)
+            renders["student_refined"] = ("student", "refined", self._refined_render(batch, canonical))
+        return renders
 
-    def _eval_epoch_end(self, split: str) -> None:
-        if not self.trainer.sanity_checking:
-            self.log_dict(self.metrics.compute(split))
-        self.metrics.reset()
-        self._eval_student = None
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch)
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            self._time_frames(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    @torch.no_grad()
-    def _time_frames(self, batch) -> None:
+    def frame_costs(self, batch) -> dict[str, float]:
         """``ms_per_frame/{teacher,student}/tracked``: deform, shade, rasterize one frame (canonical
         cached); with the refined row, ``ms_per_frame/student/refined`` and
         ``flops_per_frame/student/refined`` (the refinement's passes, :func:`~lightning_modules.metrics.multiply_adds`)."""
-        one = batch.head(1)
-        cached = self.student.canonical()
-        self._frame_cost["ms_per_frame/teacher/tracked"] = time_per_frame(lambda: self.render_teacher(one))
-        self._frame_cost["ms_per_frame/student/tracked"] = time_per_frame(lambda: self.render_student(one, cached))
+        cached = self._student_canonical()
+        costs = {"ms_per_frame/teacher/tracked": time_per_frame(lambda: self.render_teacher(batch)),
+                 "ms_per_frame/student/tracked": time_per_frame(lambda: self.render_student(batch, cached))}
         if self._refine():
-            self._frame_cost["ms_per_frame/student/refined"] = time_per_frame(
-                lambda: self._refined_render(one, cached), repeats=1)
-            self._frame_cost["flops_per_frame/student/refined"] = multiply_adds(lambda: self._refined_render(one, cached))
+            costs["ms_per_frame/student/refined"] = time_per_frame(lambda: self._refined_render(batch, cached), repeats=1)
+            costs["flops_per_frame/student/refined"] = multiply_adds(lambda: self._refined_render(batch, cached))
+        return costs
 
     @torch.no_grad()
     def visualize(self, batch) -> dict[str, torch.Tensor]:
         """Grid columns: ground truth | teacher | student | student normals, (B, 3, H, W)."""
-        cached = self._eval_student or self.student.canonical()
-        s_out = self.student(batch.expression, batch.world_mat, canonical=cached)
+        s_out = self.student(batch.expression, batch.world_mat, canonical=self._student_canonical())
         s_raster = self._raster(s_out, batch, self.student.radius, extra=s_out["normals_cam"] * 0.5 + 0.5)
         _, t_raster = self.render_teacher(batch)
         return {
@@ -413,15 +360,13 @@ class DistillModule(pl.LightningModule):
             "student_normals": s_raster.image[:, 3:6],
         }
 
-    def run_metrics(self) -> dict[str, float | int | None]:
-        metrics: dict[str, float | int | None] = {
+    def counts(self) -> dict[str, float | int]:
+        metrics: dict[str, float | int] = {
             "num_points": self.student.num_points,
             "params/student": sum(p.numel() for p in self.student.canonical_network_parameters()),
             "params/teacher": sum(p.numel() for p in self.teacher.canonical_network_parameters()),
         }
         metrics["params_ratio"] = metrics["params/student"] / metrics["params/teacher"]
-        metrics.update(self._frame_cost)
-        metrics.update(self.metrics.null_metrics())
         return metrics
 
     def flop_targets(self) -> dict[str, FlopTarget]:
@@ -522,6 +467,7 @@ class DistillModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint trained on another teacher
         # checkpoints from before the warm-up existed hold a trained student: never warm it up again
         checkpoint["state_dict"].setdefault("warmup_done", torch.ones((), dtype=torch.bool))
 
@@ -530,7 +476,7 @@ class DistillModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["state_dict"].update({f"student.{k}": v for k, v in self.student.state_dict().items()})
         checkpoint["student"] = {
-            "class_path": f"{Student.__module__}.{Student.__qualname__}",
+            "class_path": class_path_of(self.student),
             "init_args": dict(self.student_init_args),
             "state_dict": self.student.state_dict(),
             "expression_dim": self.student.expression_dim,

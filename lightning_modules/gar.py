@@ -46,12 +46,11 @@ import copy
 import dataclasses
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.distill import load_code_corrections, load_student
+from lightning_modules.handoff import load_code_corrections, load_student
 from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
@@ -59,8 +58,7 @@ from lightning_modules.metrics import (
     refined_render,
     time_per_frame,
 )
-from lightning_modules.run_folder import upstream_checkpoint
-from lightning_modules.teacher import check_finite_losses, with_code_corrections
+from lightning_modules.stage import Row, Stage, check_finite_losses, merge_weights, with_code_corrections
 from models.camera import pixel_radius, rotate_normals
 from models.discriminator import MultiScalePatchDiscriminator
 from models.encoder import InverseEncoder, NormalEstimator
@@ -99,12 +97,15 @@ FEATURES = ("real", "zero", "shuffled")
 GEOMETRY = ("tracked", "encoder")
 
 
-class GARModule(pl.LightningModule):
+class GARModule(Stage):
     """Trains G, D, E (and the normal estimator) on the frozen student's point features.
 
     Args:
         expression_dim, image_size: from the datamodule (linked); E must equal the student's.
-        student_ckpt: distillation checkpoint (default ``runs/distill/latest/checkpoints/last.ckpt``).
+        student_ckpt: distillation checkpoint (default ``runs/distill/latest/checkpoints/last.ckpt``);
+            the run records the file it resolved here (:meth:`~lightning_modules.stage.Stage.bind_upstream`).
+        student_ckpt_sha256: the SHA-256 of that file, recorded by the run (None: a new run); a
+            reload checks the file against it.
         z_dim, num_scales, base_channels, mapping_layers: the generator (:class:`~models.renderer.GARGenerator`).
         disc_channels, disc_scales: the discriminator; encoder_channels: the inverse encoder.
         gan_loss: "logistic" (non-saturating) or "hinge".
@@ -159,6 +160,7 @@ class GARModule(pl.LightningModule):
 
     Raises:
         UpstreamMissingError: no student checkpoint (one line naming the command that makes it).
+        UpstreamChangedError: the recorded student checkpoint's bytes changed.
         ValueError: unknown loss names, or a dataset whose E differs from the student's.
     """
 
@@ -175,6 +177,7 @@ class GARModule(pl.LightningModule):
         expression_dim: int = 16,
         image_size: int = 128,
         student_ckpt: str | None = None,
+        student_ckpt_sha256: str | None = None,
         z_dim: int = 16,
         num_scales: int = 3,
         base_channels: int = 32,
@@ -214,10 +217,7 @@ class GARModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown loss_weights {sorted(unknown)}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        self.loss_weights = merge_weights("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS)
         if refine_steps < 0 or not refine_lr > 0 or invert_steps < 0:
             raise ValueError(f"refine_steps and invert_steps must be >= 0 and refine_lr > 0, got {refine_steps}, "
                              f"{invert_steps} and {refine_lr}")
@@ -227,7 +227,7 @@ class GARModule(pl.LightningModule):
             raise ValueError(f"z_mean_prob must be in [0, 1] and adv_warmup_epochs >= 0, got {z_mean_prob} and "
                              f"{adv_warmup_epochs}")
 
-        path = upstream_checkpoint(student_ckpt, "distill", "student_ckpt")
+        path = self.bind_upstream()  # the student this run trains on, pinned by path and hash
         self.student = load_student(str(path)).requires_grad_(False).eval()
         # the teacher's corrected codes of the training frames, through the student's checkpoint
         self.codes = load_code_corrections(str(path))
@@ -258,8 +258,6 @@ class GARModule(pl.LightningModule):
         # a fixed point order for the shuffled-feature ablation (f_s of other points, same statistics)
         order = torch.randperm(self.student.num_points, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("feature_shuffle", order, persistent=False)
-        self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
-        self._last_renders: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # for visualize
         self._collapse_warned = False
 
     # -- the frozen student --------------------------------------------------------------------------
@@ -553,7 +551,7 @@ class GARModule(pl.LightningModule):
 
     def _refine(self) -> bool:
         """The refined rows run in ``lightning validate``/``test`` only: never inside a fit (selection)."""
-        return self.trainer.state.fn != "fit"
+        return self.outside_fit
 
     @torch.no_grad()
     def render_feature_ablation(self, batch) -> dict[str, torch.Tensor]:
@@ -565,53 +563,40 @@ class GARModule(pl.LightningModule):
                                                       self.raster_inputs(batch, batch.expression, mode), z)
                 for mode in ("zero", "shuffled")}
 
-    def _eval_step(self, batch) -> None:
-        split = "test" if self.trainer.testing else "val"
+    #: the evaluated renders' rows: name -> (model, protocol)
+    EVAL_ROWS = {"student": ("student", "tracked"), "gar": ("gar", "tracked"), "gar_refined": ("gar", "refined"),
+                 "gar_inverted": ("gar_inverted", "refined"), "gar_zero_features": ("gar_zero_features", "tracked"),
+                 "gar_shuffled_features": ("gar_shuffled_features", "tracked")}
+
+    def eval_renders(self, batch) -> dict[str, Row]:
         renders = self.render_all(batch, refined=self._refine())
-        self._last_renders = (batch.frame_index.clone(), renders)  # RenderLogger's visualize reuses them
-        rows = {"student": ("student", "tracked"), "gar": ("gar", "tracked"), "gar_refined": ("gar", "refined"),
-                "gar_inverted": ("gar_inverted", "refined"),
-                "gar_zero_features": ("gar_zero_features", "tracked"),
-                "gar_shuffled_features": ("gar_shuffled_features", "tracked")}
+        self._eval_cache["renders"] = (batch.frame_index.clone(), renders)  # RenderLogger's visualize reuses them
         if self._refine():
             renders = {**renders, **self.render_feature_ablation(batch)}
-        for name, image in renders.items():
-            self.metrics.update(*rows[name], image, batch.image, batch.mask, batch.frame_index)
-        self.metrics.update_baselines(self.trainer, batch)
+        return {name: (*self.EVAL_ROWS[name], image) for name, image in renders.items()}
+
+    def after_eval_step(self, batch, renders: dict[str, Row]) -> None:
+        """D's accuracy on the frames and the ``gar`` renders; E's expression error against tracking."""
+        split = "test" if self.trainer.testing else "val"
         target = composite_on_white(batch.image, batch.mask)
-        self._log_d_accuracy(split, self.discriminator(target), self.discriminator(renders["gar"]), len(batch))
+        self._log_d_accuracy(split, self.discriminator(target), self.discriminator(renders["gar"][2]), len(batch))
         _, expression = self.encoder(target, batch.mask)  # E's own code against tracking
         self.log(f"gar/{split}/encoder_expression_mse", F.mse_loss(expression.float(), batch.expression.float()),
                  on_epoch=True, batch_size=len(batch), sync_dist=True)
 
-    def _eval_epoch_end(self, split: str) -> None:
-        if not self.trainer.sanity_checking:
-            values = self.metrics.compute(split)
-            self.log_dict(values)
-            gar = values.get("gar/tracked/val/full/psnr")
-            if self.trainer.state.fn == "fit" and gar is not None:
-                best = self.guard.best_val
-                if self.guard.update_val(gar, self.global_step):
-                    self._warn_diverged(f"val PSNR {gar:.2f} dB fell more than {self.guard.margin:g} dB under this "
-                                        f"fit's best {best:.2f}")
-            if self.trainer.state.fn == "fit":
-                self.log(f"gar/{split}/diverged", float(self.guard.diverged))
-        self.metrics.reset()
-        self._last_renders = None
+    def after_eval_epoch(self, split: str, values: dict[str, float]) -> None:
+        """Inside a fit: the divergence guard's val criterion, and ``gar/<split>/diverged``."""
+        if self.trainer.state.fn != "fit":
+            return
+        gar = values.get("gar/tracked/val/full/psnr")
+        if gar is not None:
+            best = self.guard.best_val
+            if self.guard.update_val(gar, self.global_step):
+                self._warn_diverged(f"val PSNR {gar:.2f} dB fell more than {self.guard.margin:g} dB under this "
+                                    f"fit's best {best:.2f}")
+        self.log(f"gar/{split}/diverged", float(self.guard.diverged))
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch)
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            self._frame_costs(batch)
-
-    @torch.no_grad()
-    def _frame_costs(self, batch) -> None:
+    def frame_costs(self, batch) -> dict[str, float]:
         """Per-frame cost of each row, on one frame.
 
         ``gar/tracked``: the student's deformation by the expression, rasterization at every scale
@@ -625,29 +610,26 @@ class GARModule(pl.LightningModule):
         """
         from lightning_modules.flops import count_flops
 
-        one = batch.head(1)
-        self._frame_cost["ms_per_frame/gar/tracked"] = time_per_frame(lambda: self.render_meanz(one))
-        inputs = self.raster_inputs(one, one.expression)
+        costs = {"ms_per_frame/gar/tracked": time_per_frame(lambda: self.render_meanz(batch))}
+        inputs = self.raster_inputs(batch, batch.expression)
         z = self.z_mean.expand(1, -1)
-        deform = count_flops(self.student.deform, (self._student_canonical(), one.expression)).total
+        deform = count_flops(self.student.deform, (self._student_canonical(), batch.expression)).total
         generate = count_flops(self.generator_ema, (inputs.inputs, z, inputs.base)).total
         shade = 0  # the residual generator's base image needs the student's colours
         if self.hparams.residual:
-            shade = count_flops(self.student.shade, (self._student_canonical(), one.world_mat)).total
-        self._frame_cost["flops_per_frame/gar/tracked"] = deform + shade + generate
+            shade = count_flops(self.student.shade, (self._student_canonical(), batch.world_mat)).total
+        costs["flops_per_frame/gar/tracked"] = deform + shade + generate
         if self._refine():
             for row, fn in (("gar/refined", self.render_refined), ("gar_inverted/refined", self.render_inverted)):
-                self._frame_cost[f"ms_per_frame/{row}"] = time_per_frame(lambda fn=fn: fn(one), repeats=1)
-                self._frame_cost[f"flops_per_frame/{row}"] = multiply_adds(lambda fn=fn: fn(one))
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+                costs[f"ms_per_frame/{row}"] = time_per_frame(lambda fn=fn: fn(batch), repeats=1)
+                costs[f"flops_per_frame/{row}"] = multiply_adds(lambda fn=fn: fn(batch))
+        return costs
 
     @torch.no_grad()
     def visualize(self, batch) -> dict[str, torch.Tensor]:
         """Grid columns: ground truth | student | gar (tracked), and in validate/test runs the labelled
         refined rows (the evaluation step's renders of this batch when it just made them)."""
-        cached = getattr(self, "_last_renders", None)
+        cached = self._eval_cache.get("renders")
         if cached is not None and torch.equal(cached[0].to(batch.frame_index.device), batch.frame_index):
             renders = cached[1]
         else:
@@ -665,14 +647,12 @@ class GARModule(pl.LightningModule):
         """
         return {"reenact": self.render_meanz(batch).clamp(0, 1), "driver": batch.image}
 
-    def run_metrics(self) -> dict[str, Any]:
+    def counts(self) -> dict[str, Any]:
         return {
             "params/student": sum(p.numel() for p in self.student.canonical_network_parameters()),
             "params/gar": sum(p.numel() for p in self.generator.parameters()),
             "params/gar_inverted": sum(p.numel() for p in (*self.generator.parameters(), *self.encoder.parameters())),
             "num_points": self.student.num_points,
-            **self._frame_cost,
-            **self.metrics.null_metrics(),
         }
 
     # -- optimisation -----------------------------------------------------------------------------------
@@ -691,6 +671,7 @@ class GARModule(pl.LightningModule):
         checkpoint["num_points"] = self.student.num_points
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint trained on another student
         saved = checkpoint.get("hyper_parameters") or {}
         for key, first in (("activation_gain", 1.0), ("residual_space", "logit")):  # not in the weights
             was, now = saved.get(key, first), self.hparams[key]

@@ -5,7 +5,8 @@ Every ``fit``/``test``/``validate``/``predict`` run gets its own folder ``<runs_
 
     <run>/config.yaml            resolved config, run-location keys stored as null (replay -> new run)
     <run>/checkpoints/last.ckpt  (+ best.ckpt when the stage monitors a metric)
-    <run>/metrics.json           flat keys <model>/<protocol>/<split>/<region>/<metric>, params/<model>, ...
+    <run>/metrics.json           flat keys <model>/<protocol>/<split>/<region>/<metric>, params/<model>, ...,
+                                 upstream/<stage>/{path,sha256} (the upstream checkpoint a run was trained on)
     <run>/renders/               grids and videos
     <run>/csv/metrics.csv        CSVLogger (always); <run>/wandb/ when a WandbLogger is configured
 
@@ -53,6 +54,8 @@ _MODEL_SPLIT_METRIC = re.compile(r"^[a-z][a-z0-9_]*/(tracked|refined)/(val|test)
 _COUNT_KEY = re.compile(
     r"^((params|flops|flops_run)/[a-z][a-z0-9_]*|(flops_per_frame|ms_per_frame)/[a-z][a-z0-9_]*/(tracked|refined))$"
 )
+#: the upstream checkpoint a downstream run was trained on (lightning_modules.handoff.pin_upstream)
+_UPSTREAM_KEY = re.compile(r"^upstream/[a-z][a-z0-9_]*/(path|sha256)$")
 _SCALAR_KEYS = {"num_points", "params_ratio", "flops_ratio"}
 
 
@@ -86,7 +89,8 @@ def upstream_checkpoint(path: str | os.PathLike | None, upstream: str, key: str,
 
 def is_metric_key(key: str) -> bool:
     """Whether ``key`` belongs in metrics.json (DESIGN.md, "metrics.json (one schema)")."""
-    return bool(_MODEL_SPLIT_METRIC.match(key) or _COUNT_KEY.match(key) or key in _SCALAR_KEYS)
+    return bool(_MODEL_SPLIT_METRIC.match(key) or _COUNT_KEY.match(key) or _UPSTREAM_KEY.match(key)
+                or key in _SCALAR_KEYS)
 
 
 def _timestamp() -> str:

@@ -34,11 +34,9 @@ by the epoch, identical on every rank) and the radius shrinks by 0.75.
 
 from __future__ import annotations
 
-import dataclasses
-
-import lightning.pytorch as pl
 import torch
 
+from lightning_modules.handoff import class_path_of, teacher_state_defaults
 from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
@@ -46,6 +44,7 @@ from lightning_modules.metrics import (
     refined_render,
     time_per_frame,
 )
+from lightning_modules.stage import Row, Stage, check_finite_losses, merge_weights, with_code_corrections
 from models.camera import pixel_radius
 from models.codes import FrameCodeCorrections
 from models.losses import (
@@ -59,7 +58,7 @@ from models.losses import (
 from models.rasterizer import PointRasterizer, RasterOutput
 from models.teacher import CanonicalOutput, PointAvatarTeacher
 
-__all__ = ["TeacherModule", "check_finite_losses", "with_code_corrections"]
+__all__ = ["TeacherModule"]
 
 #: The teacher's loss terms and their default weights: PointAvatar's, but for the blendshape prior
 #: (no FLAME target here), the code prior (PointAvatar leaves it to its learning rate) and the SDF
@@ -68,47 +67,7 @@ DEFAULT_LOSS_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2, "eikonal": 0.1, "s
                         "blendshape": 1e-3, "code_prior": 1e-2}
 
 
-def with_code_corrections(batch, codes: FrameCodeCorrections | None):
-    """``batch`` with its frames' expression codes and head poses corrected by ``codes`` (the teacher's
-    per-frame code refinement), for the frames the table holds; other frames (val, test, another
-    video) keep their tracked codes. ``codes`` None returns ``batch`` itself.
-
-    Args:
-        batch: an :class:`~datamodules.batch.AvatarBatch`.
-        codes: the teacher's :class:`~models.codes.FrameCodeCorrections`, or None.
-
-    Returns:
-        an :class:`~datamodules.batch.AvatarBatch` (a new one when anything changed).
-    """
-    if codes is None:
-        return batch
-    known = codes.has(batch.frame_index)
-    if not bool(known.any()):
-        return batch
-    expression, world_mat = batch.expression, batch.world_mat[:, :3, :4]
-    new_expression, new_world_mat = codes(batch.frame_index[known], expression[known], world_mat[known])
-    expression = expression.clone()
-    world_mat = world_mat.clone()
-    expression[known] = new_expression.to(expression.dtype)
-    world_mat[known] = new_world_mat.to(world_mat.dtype)
-    return dataclasses.replace(batch, expression=expression, world_mat=world_mat)
-
-
-def check_finite_losses(terms: dict[str, torch.Tensor], step: int) -> None:
-    """Stop training on a NaN/inf loss term with a message naming the step and the term.
-
-    Raises:
-        FloatingPointError: when a term is not finite.
-    """
-    for name, value in terms.items():
-        if not torch.isfinite(value).all():
-            raise FloatingPointError(
-                f"step {step}: loss term '{name}' is {value.item()}; lower the learning rate or its weight "
-                f"(model.init_args.loss_weights.{name})"
-            )
-
-
-class TeacherModule(pl.LightningModule):
+class TeacherModule(Stage):
     """Trains the teacher avatar; validation/test write ``teacher/*`` and the baselines' metrics
     (:mod:`lightning_modules.metrics`: ``tracked`` rows always, the ``refined`` row in ``lightning
     validate``/``test`` runs).
@@ -173,26 +132,17 @@ class TeacherModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
         if not codes_lr > 0:
             raise ValueError(f"codes_lr must be > 0, got {codes_lr}")
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
-        self.teacher = PointAvatarTeacher(
-            expression_dim=expression_dim,
-            max_points=max_points,
-            init_points=init_points,
-            min_points=min_points,
-            prune_threshold=prune_threshold,
-            radius_factor=radius_factor,
-            geometry_width=geometry_width,
-            geometry_depth=geometry_depth,
-            deformer_width=deformer_width,
-            deformer_depth=deformer_depth,
-            shading_width=shading_width,
-            num_frequencies=num_frequencies,
+        self.loss_weights = merge_weights("loss weight(s)", loss_weights, DEFAULT_LOSS_WEIGHTS)
+        # saved in the checkpoint's `teacher` entry: what the later stages build it from (handoff.load_teacher)
+        self.teacher_init_args = dict(
+            expression_dim=expression_dim, max_points=max_points, init_points=init_points, min_points=min_points,
+            prune_threshold=prune_threshold, radius_factor=radius_factor, geometry_width=geometry_width,
+            geometry_depth=geometry_depth, deformer_width=deformer_width, deformer_depth=deformer_depth,
+            shading_width=shading_width, num_frequencies=num_frequencies,
         )
+        self.teacher = PointAvatarTeacher(**self.teacher_init_args)
         # per-frame code corrections of the training frames: built in setup("fit") from the datamodule
         # (or from a checkpoint's shapes), None without code refinement
         self.codes: FrameCodeCorrections | None = None
@@ -207,8 +157,6 @@ class TeacherModule(pl.LightningModule):
         # each rank accumulates its own frames' visibility (summed over ranks before pruning): DDP
         # must not overwrite it with rank 0's, as it does module buffers at every forward
         self._ddp_params_and_buffers_to_ignore = ["visibility"]
-        self._eval_canonical: CanonicalOutput | None = None
-        self._frame_cost: dict[str, float] = {}
         self._visibility_batches = 0  # training batches accumulated into `visibility` this epoch
 
     # -- rendering -------------------------------------------------------------------------------
@@ -310,58 +258,38 @@ class TeacherModule(pl.LightningModule):
 
     def _refine(self) -> bool:
         """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
-        return self.hparams.refine_steps > 0 and self.trainer.state.fn != "fit"
+        return self.hparams.refine_steps > 0 and self.outside_fit
 
-    def _eval_step(self, batch, split: str) -> None:
-        if self._eval_canonical is None:  # per subject: once per evaluation epoch
-            self._eval_canonical = self.teacher.canonical(method="explicit")
-        _, raster = self.render(batch, canonical=self._eval_canonical)
-        self.metrics.update("teacher", "tracked", raster.image[:, :3], batch.image, batch.mask)
-        self.metrics.update_baselines(self.trainer, batch)
+    def _canonical(self) -> CanonicalOutput:
+        """The canonical outputs, once per evaluation epoch."""
+        return self.cached("canonical", lambda: self.teacher.canonical(method="explicit"))
+
+    def eval_renders(self, batch) -> dict[str, Row]:
+        canonical = self._canonical()
+        _, raster = self.render(batch, canonical=canonical)
+        renders = {"teacher": ("teacher", "tracked", raster.image[:, :3])}
         if self._refine():
-            self.metrics.update("teacher", "refined", self._refined_render(batch, self._eval_canonical),
-                                batch.image, batch.mask)
+            renders["teacher_refined"] = ("teacher", "refined", self._refined_render(batch, canonical))
+        return renders
 
-    def _eval_epoch_end(self, split: str) -> None:
-        if not self.trainer.sanity_checking:
-            self.log_dict(self.metrics.compute(split))
-        self.metrics.reset()
-        self._eval_canonical = None
-
-    @torch.no_grad()
-    def _time_frames(self, batch) -> None:
+    def frame_costs(self, batch) -> dict[str, float]:
         """``ms_per_frame/teacher/{tracked,refined}`` (and ``flops_per_frame/teacher/refined``: the
         refinement's forward and backward passes, :func:`~lightning_modules.metrics.multiply_adds`): one
         frame's per-frame path, canonical outputs cached."""
-        one = batch.head(1)
-        canonical = self._eval_canonical or self.teacher.canonical(method="explicit")
-        self._frame_cost["ms_per_frame/teacher/tracked"] = time_per_frame(lambda: self.render(one, canonical))
+        canonical = self._canonical()
+        costs = {"ms_per_frame/teacher/tracked": time_per_frame(lambda: self.render(batch, canonical))}
         if self._refine():
             def refined():
-                return self._refined_render(one, canonical)
+                return self._refined_render(batch, canonical)
 
-            self._frame_cost["ms_per_frame/teacher/refined"] = time_per_frame(refined, repeats=1)
-            self._frame_cost["flops_per_frame/teacher/refined"] = multiply_adds(refined)
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            self._time_frames(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+            costs["ms_per_frame/teacher/refined"] = time_per_frame(refined, repeats=1)
+            costs["flops_per_frame/teacher/refined"] = multiply_adds(refined)
+        return costs
 
     @torch.no_grad()
     def visualize(self, batch) -> dict[str, torch.Tensor]:
         """Columns for the render grid: ground truth | render | normals | rendered alpha, (B, 3, H, W)."""
-        canonical = self._eval_canonical or self.teacher.canonical(method="explicit")
-        out = self.teacher(batch.expression, batch.world_mat, canonical=canonical)
+        out = self.teacher(batch.expression, batch.world_mat, canonical=self._canonical())
         normals_rgb = out["normals_cam"] * 0.5 + 0.5
         features = torch.cat([out["colors"], normals_rgb], -1)
         radius = pixel_radius(out["points"], batch.world_mat, batch.K, out["radius"])
@@ -373,13 +301,10 @@ class TeacherModule(pl.LightningModule):
             "alpha": raster.alpha.expand(-1, 3, -1, -1),
         }
 
-    def run_metrics(self) -> dict[str, float | int | None]:
-        """Counts for metrics.json; LPIPS is null (no pretrained AlexNet weights on disk)."""
+    def counts(self) -> dict[str, int]:
         return {
             "params/teacher": sum(p.numel() for p in self.teacher.canonical_network_parameters()),
             "num_points": self.teacher.num_active,
-            **self._frame_cost,
-            **self.metrics.null_metrics(),
         }
 
     # -- optimisation ------------------------------------------------------------------------------
@@ -397,7 +322,8 @@ class TeacherModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_points"] = self.teacher.num_active
-        checkpoint["model_class"] = f"{type(self.teacher).__module__}.{type(self.teacher).__qualname__}"
+        checkpoint["model_class"] = class_path_of(self.teacher)
+        checkpoint["teacher"] = {"class_path": class_path_of(self.teacher), "init_args": dict(self.teacher_init_args)}
         # the epoch's visibility so far, so a fit resumed mid-epoch prunes on all of it (exact resume;
         # under DDP this is rank 0's share, loaded by every rank)
         checkpoint["visibility"] = {"sum": self.visibility.detach().cpu().clone(), "batches": self._visibility_batches}
@@ -406,8 +332,7 @@ class TeacherModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         # a checkpoint from before code refinement / the canonical expression: their neutral values
         state.setdefault("expression_var", torch.ones_like(self.expression_var))
-        state.setdefault("teacher.canonical_expression", torch.zeros_like(self.teacher.canonical_expression))
-        state.setdefault("teacher.expression_scale", torch.ones_like(self.teacher.expression_scale))
+        teacher_state_defaults(state, self.teacher, prefix="teacher.")
         if self.codes is None:  # the code table's size comes from the checkpoint (no datamodule needed)
             self.codes = FrameCodeCorrections.from_state_dict(state, "codes.")
         saved = checkpoint.get("visibility")

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lightning_modules.distill import DistillModule, load_student
+from lightning_modules.distill import DistillModule
+from lightning_modules.handoff import load_student
 from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
 
 
@@ -232,8 +233,8 @@ def test_distillation_and_gar_train_on_the_teachers_fitted_codes(teacher_run, di
     and the GAR (through the student checkpoint): a training batch is rendered from the corrected
     codes, never re-tracked."""
     from datamodules.mesh_views import MeshViewsDataModule
-    from lightning_modules.distill import load_code_corrections
     from lightning_modules.gar import GARModule
+    from lightning_modules.handoff import load_code_corrections
 
     teacher_ckpt = teacher_run / "checkpoints" / "last.ckpt"
     saved = torch.load(teacher_ckpt, weights_only=False)["state_dict"]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lightning_modules.distill import load_student
 from lightning_modules.gar import GARModule
+from lightning_modules.handoff import load_student
 from lightning_modules.metrics import composite_on_white
 from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
 

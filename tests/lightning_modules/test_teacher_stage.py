@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lightning_modules import teacher as teacher_stage
-from lightning_modules.teacher import TeacherModule, check_finite_losses
+from lightning_modules.stage import check_finite_losses
+from lightning_modules.teacher import TeacherModule
 from models.camera import pixel_radius
 from tests.conftest import EXPERIMENTS, TINY_MESH, run_stage
 
@@ -242,7 +243,7 @@ def test_a_checkpoint_from_before_code_refinement_still_loads(teacher_run, tmp_p
 
 def test_with_code_corrections_changes_only_the_frames_it_holds():
     from datamodules.batch import AvatarBatch
-    from lightning_modules.teacher import with_code_corrections
+    from lightning_modules.stage import with_code_corrections
     from models.codes import FrameCodeCorrections
 
     codes = FrameCodeCorrections(torch.tensor([4, 8]), expression_dim=2)

@@ -1,0 +1,242 @@
+"""The stage base: what every stage (teacher, distillation, GAR) shares, declared once.
+
+A stage is a LightningModule that trains one model of the pipeline. :class:`Stage` holds the
+protocol the CLI, the callbacks and the report rely on, and the evaluation loop; a stage supplies
+only what differs:
+
+=========================  =====================================================================
+a stage supplies           used by
+=========================  =====================================================================
+``stage``                  the run folder ``runs/<stage>/`` (:mod:`lightning_modules.cli`)
+``monitor``/``monitor_mode``  the metric that selects ``best.ckpt`` (None: no best.ckpt)
+``upstream``               ``(stage, init_arg)`` of the checkpoint it builds on, pinned by
+                           :meth:`bind_upstream` (:func:`~lightning_modules.handoff.pin_upstream`)
+``metrics``                a :class:`~lightning_modules.metrics.HeldOutMetrics` of its rows
+:meth:`eval_renders`       its renders of a val/test batch, one per row
+:meth:`frame_costs`        per-frame milliseconds and multiply-adds on one test frame
+:meth:`counts`             ``params/<model>``, ``num_points``, ... for ``metrics.json``
+:meth:`visualize`          the columns of the render grid (:class:`~lightning_modules.callbacks.RenderLogger`)
+:meth:`flop_targets`       the models the :class:`~lightning_modules.flops.FlopCounter` counts
+=========================  =====================================================================
+
+The base runs validation and test (:meth:`eval_renders` into ``metrics``, the baselines, one
+frame timed in test), logs ``<model>/<protocol>/<split>/<region>/<metric>`` at each epoch's end and
+fills ``metrics.json`` (:meth:`run_metrics`, with the pinned upstream). Helpers every stage's
+training step uses live here too: :func:`check_finite_losses`, :func:`with_code_corrections`,
+:func:`merge_weights`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_modules.handoff import UpstreamChangedError, pin_upstream
+from lightning_modules.metrics import HeldOutMetrics
+
+__all__ = ["Row", "Stage", "check_finite_losses", "merge_weights", "with_code_corrections"]
+
+#: One evaluated render: (model, protocol, image (B, 3, H, W) in [0, 1]).
+Row = tuple[str, str, torch.Tensor]
+
+
+def check_finite_losses(terms: Mapping[str, torch.Tensor], step: int) -> None:
+    """Stop training on a NaN/inf loss term with a message naming the step and the term.
+
+    Raises:
+        FloatingPointError: when a term is not finite.
+    """
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"step {step}: loss term '{name}' is {value.item()}; lower the learning rate or its weight "
+                f"(model.init_args.loss_weights.{name})"
+            )
+
+
+def merge_weights(name: str, given: Mapping[str, float] | None, defaults: Mapping[str, float]) -> dict[str, float]:
+    """``defaults`` updated by the user's ``given`` weights (0 switches a term off).
+
+    Raises:
+        ValueError: a name ``defaults`` does not know (the message lists the known ones).
+    """
+    unknown = set(given or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {name} {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **(given or {})}
+
+
+def with_code_corrections(batch, codes):
+    """``batch`` with its frames' expression codes and head poses corrected by ``codes`` (the teacher's
+    per-frame code refinement), for the frames the table holds; other frames (val, test, another
+    video) keep their tracked codes. ``codes`` None returns ``batch`` itself.
+
+    Args:
+        batch: an :class:`~datamodules.batch.AvatarBatch`.
+        codes: the teacher's :class:`~models.codes.FrameCodeCorrections`, or None.
+
+    Returns:
+        an :class:`~datamodules.batch.AvatarBatch` (a new one when anything changed).
+    """
+    if codes is None:
+        return batch
+    known = codes.has(batch.frame_index)
+    if not bool(known.any()):
+        return batch
+    expression, world_mat = batch.expression, batch.world_mat[:, :3, :4]
+    new_expression, new_world_mat = codes(batch.frame_index[known], expression[known], world_mat[known])
+    expression = expression.clone()
+    world_mat = world_mat.clone()
+    expression[known] = new_expression.to(expression.dtype)
+    world_mat[known] = new_world_mat.to(world_mat.dtype)
+    return dataclasses.replace(batch, expression=expression, world_mat=world_mat)
+
+
+class Stage(pl.LightningModule):
+    """Base class of the stages (module docstring): the CLI protocol and the evaluation loop.
+
+    Subclasses call ``super().__init__()`` first, set ``self.metrics`` and implement
+    :meth:`eval_renders` and :meth:`counts`; the rest has defaults.
+    """
+
+    #: the run folder's stage name, ``runs/<stage>/``
+    stage: ClassVar[str] = ""
+    #: the metric that selects ``best.ckpt`` and its direction; None: no best.ckpt
+    monitor: ClassVar[str | None] = None
+    monitor_mode: ClassVar[str] = "max"
+    #: ``(upstream stage, init arg of its checkpoint)``, or None for a first stage
+    upstream: ClassVar[tuple[str, str] | None] = None
+    #: manual optimisation in phases whose backward reaches one optimizer's parameters (DDP must
+    #: search for unused parameters; the CLI turns it on)
+    ddp_find_unused_parameters: ClassVar[bool] = False
+
+    metrics: HeldOutMetrics
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
+        self._eval_cache: dict[str, Any] = {}  # per evaluation epoch (canonical outputs, ...)
+
+    # -- upstream ------------------------------------------------------------------------------------
+    def bind_upstream(self) -> Path:
+        """Resolve this stage's upstream checkpoint and pin it in the hyper-parameters.
+
+        Reads ``hparams[<key>]`` and ``hparams[<key>_sha256]`` (``upstream = (stage, key)``), checks the
+        file against the recorded hash (:func:`~lightning_modules.handoff.pin_upstream`) and records
+        the resolved file and its hash, so checkpoints, config.yaml and metrics.json name exactly it.
+
+        Raises:
+            UpstreamMissingError, UpstreamChangedError: see :func:`~lightning_modules.handoff.pin_upstream`.
+        """
+        if self.upstream is None:
+            raise TypeError(f"{type(self).__name__} declares no upstream")
+        stage, key = self.upstream
+        path, digest = pin_upstream(self.hparams.get(key), self.hparams.get(f"{key}_sha256"), stage, key)
+        self.hparams[key], self.hparams[f"{key}_sha256"] = str(path), digest
+        return path
+
+    def upstream_record(self) -> dict[str, str]:
+        """``upstream/<stage>/path`` and ``upstream/<stage>/sha256`` for metrics.json ({} for a first stage)."""
+        if self.upstream is None:
+            return {}
+        stage, key = self.upstream
+        return {f"upstream/{stage}/path": self.hparams[key], f"upstream/{stage}/sha256": self.hparams[f"{key}_sha256"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A fit resumed (or weights loaded) on another upstream than the checkpoint's is refused.
+
+        Raises:
+            UpstreamChangedError: the checkpoint records another upstream hash than the one bound now.
+        """
+        if self.upstream is None:
+            return
+        stage, key = self.upstream
+        recorded = (checkpoint.get("hyper_parameters") or {}).get(f"{key}_sha256")
+        bound = self.hparams.get(f"{key}_sha256")
+        if recorded is not None and bound is not None and recorded != bound:
+            path = checkpoint["hyper_parameters"].get(key)
+            raise UpstreamChangedError(
+                f"this checkpoint was trained on the {stage} checkpoint {path} (sha256 {recorded[:12]}), not on "
+                f"{self.hparams[key]} ({bound[:12]}): pass --model.init_args.{key}={path}"
+            )
+
+    # -- what a stage supplies -----------------------------------------------------------------------------
+    def eval_renders(self, batch) -> dict[str, Row]:
+        """The stage's renders of a val/test ``batch``: ``{row name: (model, protocol, image)}``."""
+        raise NotImplementedError
+
+    def after_eval_step(self, batch, renders: dict[str, Row]) -> None:
+        """Anything more a stage logs on an evaluated batch (default: nothing)."""
+
+    def after_eval_epoch(self, split: str, values: dict[str, float]) -> None:
+        """Anything a stage does with an evaluation epoch's metrics (default: nothing)."""
+
+    def frame_costs(self, batch) -> dict[str, float]:
+        """Per-frame cost of the stage's rows on ``batch`` (one frame): ``ms_per_frame/<model>/<protocol>``,
+        ``flops_per_frame/<model>/<protocol>`` (default: none)."""
+        return {}
+
+    def counts(self) -> dict[str, Any]:
+        """``params/<model>``, ``num_points`` and other counts for metrics.json."""
+        raise NotImplementedError
+
+    def visualize(self, batch) -> dict[str, torch.Tensor]:
+        """Columns of the render grid, ``{name: (B, 3, H, W)}`` (default: none)."""
+        return {}
+
+    def flop_targets(self) -> dict[str, Any]:
+        """``{model: FlopTarget}`` for the FLOP counter (default: none)."""
+        return {}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @property
+    def outside_fit(self) -> bool:
+        """True in ``lightning validate``/``test``: rows that look at the scored frame run there only,
+        never inside a fit (where val selects the checkpoint)."""
+        return self.trainer.state.fn != "fit"
+
+    def cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per evaluation epoch (e.g. the canonical outputs, shared by every batch)."""
+        if name not in self._eval_cache:
+            self._eval_cache[name] = make()
+        return self._eval_cache[name]
+
+    def _evaluate(self, batch) -> None:
+        renders = self.eval_renders(batch)
+        for model, protocol, image in renders.values():
+            self.metrics.update(model, protocol, image, batch.image, batch.mask, batch.frame_index)
+        self.metrics.update_baselines(self.trainer, batch)
+        self.after_eval_step(batch, renders)
+
+    def _end_evaluation(self, split: str) -> None:
+        if not self.trainer.sanity_checking:
+            values = self.metrics.compute(split)
+            self.log_dict(values)
+            self.after_eval_epoch(split, values)
+        self.metrics.reset()
+        self._eval_cache.clear()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            with torch.no_grad():
+                self._frame_cost.update(self.frame_costs(batch.head(1)))
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def run_metrics(self) -> dict[str, Any]:
+        """metrics.json's counts: :meth:`counts`, the test's frame costs, null for what cannot be
+        computed here (LPIPS) and the pinned upstream."""
+        return {**self.counts(), **self._frame_cost, **self.metrics.null_metrics(), **self.upstream_record()}
