@@ -3,7 +3,7 @@
 ``lightning predict --config experiments/gar.yaml --ckpt_path <gar run>/checkpoints/last.ckpt
 --data.init_args.driving_video VIDEO`` serves, through
 :meth:`datamodules.avatar.AvatarDataModule.predict_dataloader`, one
-:class:`~datamodules.batch.AvatarBatch` item per frame of VIDEO (:func:`driving_dataset`):
+:class:`~datamodules.batch.AvatarBatch` item per frame of VIDEO (:func:`datamodules.avatar.driving_dataset`):
 
 - tracking: VIDEO is prepared once by :func:`datamodules.prepare.prepare` into
   ``<data_root>/<stem>_driving/`` (:func:`prepare_driver`; every frame is fitted, no split, a
@@ -27,14 +27,13 @@ the output has exactly one frame per frame of the driving video;
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from datamodules.prepare import DEFAULT_FOV, JSON_NAME
+from datamodules.records import driving_expression_codes, read_dataset
 
 __all__ = [
     "DRIVING_SUFFIX",
@@ -45,7 +44,6 @@ __all__ = [
     "retarget_head_motion",
     "nearest_tracked",
     "driving_sequence",
-    "driving_dataset",
 ]
 
 #: Suffix of a driving video's dataset folder under ``data_root`` (``<video stem>_driving``).
@@ -84,8 +82,6 @@ def prepare_driver(video: str | Path, out: str | Path, *, fov: float = DEFAULT_F
     if not video.is_file():
         raise FileNotFoundError(f"driving video {video} does not exist")
     if (out / JSON_NAME).is_file():
-        from datamodules.avatar import read_dataset
-
         prepared_from = read_dataset(out).meta.get("video")
         if prepared_from not in (None, video.name):
             raise FileExistsError(f"{out} was prepared from {prepared_from}, not {video.name}; remove it")
@@ -224,8 +220,6 @@ def driving_sequence(subject_root: str | Path, driver_root: str | Path,
     Raises:
         ValueError: if the subject has no expression basis or the driver no landmarks.
     """
-    from datamodules.avatar import driving_expression_codes, read_dataset
-
     codes, numbers = driving_expression_codes(subject_root, driver_root)  # (F, E), (F,)
     driver = read_dataset(driver_root)
     poses = retarget_head_motion(driver.world_mats, mean_pose(driver.world_mats), mean_pose(subject_world_mats))
@@ -234,43 +228,3 @@ def driving_sequence(subject_root: str | Path, driver_root: str | Path,
     frames = np.arange(total, dtype=np.int64)
     return DrivingSequence(expressions=codes[source], world_mats=poses[source], frame_numbers=frames,
                            source=source, tracked=np.isin(frames, numbers), fps=float(driver.meta.get("fps") or 0.0))
-
-
-def driving_dataset(subject, driver_root: str | Path):
-    """The predict dataset of a subject's datamodule: one item per frame of the driving video.
-
-    Args:
-        subject: a set-up :class:`~datamodules.avatar.AvatarDataModule` of the subject (its
-            dataset folder, training poses and crop intrinsics ``K`` are used).
-        driver_root: the driver's prepared dataset folder (:func:`prepare_driver`).
-
-    Returns:
-        (:class:`~datamodules.avatar.AvatarFrameDataset`, :class:`DrivingSequence`): items with
-        the driver's cropped frame and mask (S x S, the subject's image size), the retargeted
-        ``world_mat``, the subject's ``K``, the driving ``expression`` and the driver's frame
-        number.
-
-    Raises:
-        RuntimeError: if ``subject`` is not set up.
-        ValueError: as :func:`driving_sequence`.
-    """
-    from datamodules.avatar import AvatarDataModule, AvatarFrameDataset
-
-    if subject.train_set is None:
-        raise RuntimeError("set up the subject's datamodule before building its driving dataset")
-    driver_root = Path(driver_root)
-    seq = driving_sequence(subject.dataset_dir, driver_root, subject.train_set.world_mats.double().numpy())
-    # the driver's frames, cropped around its own head at the subject's size (all frames "train")
-    with warnings.catch_warnings():  # no val frames on purpose: nothing is selected on a driver
-        warnings.filterwarnings("ignore", message="val_fraction=0")
-        frames = AvatarDataModule(data_root=str(driver_root.parent), dataset_name=driver_root.name,
-                                  image_size=subject.image_size, test_fraction=0.0, val_fraction=0.0,
-                                  crop_margin=subject.crop_margin)
-    frames.setup()
-    src = torch.from_numpy(seq.source)
-    dataset = AvatarFrameDataset(
-        frames.train_set.images[src], frames.train_set.masks[src],
-        torch.from_numpy(seq.world_mats).float(), subject.K,
-        torch.from_numpy(seq.expressions).float(), torch.from_numpy(seq.frame_numbers),
-    )
-    return dataset, seq
