@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
 import json
 import os
 import shlex
@@ -51,13 +50,13 @@ import torch
 import yaml
 
 from lightning_modules.report import build_report, format_markdown, plot_losses, read_divergence, write_report
+from lightning_modules.run_folder import datamodule_from_config
 
 __all__ = [
     "DemoError",
     "FITS",
     "OVERRIDES",
     "STAGES",
-    "datamodule_from_config",
     "main",
     "override_files",
     "render_comparison",
@@ -183,24 +182,6 @@ def _run_in_process(args: list[str]) -> None:
 
 
 # -- data and rendering --------------------------------------------------------------------------------
-def datamodule_from_config(config_path: str | os.PathLike):
-    """Instantiate the datamodule of a run from its saved ``config.yaml`` (``data.class_path`` + ``init_args``).
-
-    Raises:
-        FileNotFoundError: no such config.
-        ValueError: the config has no ``data.class_path``.
-    """
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (a run folder's config.yaml)")
-    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-    if "class_path" not in data:
-        raise ValueError(f"{path} has no data.class_path")
-    module_name, _, class_name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**(data.get("init_args") or {}))
-
-
 def _label_strip(width: int, labels: tuple[str, ...]) -> np.ndarray:
     """(LABEL_HEIGHT, len(labels) * width, 3) uint8: each label centred over its panel, clipped to it."""
     from PIL import Image, ImageDraw, ImageFont

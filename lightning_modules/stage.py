@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.handoff import UpstreamChangedError, pin_upstream
 from lightning_modules.metrics import HeldOutMetrics
@@ -136,6 +137,9 @@ class Stage(pl.LightningModule):
         if self.upstream is None:
             raise TypeError(f"{type(self).__name__} declares no upstream")
         stage, key = self.upstream
+        if self.hparams.get(key) is None:  # not through the CLI (which pins it), or a checkpoint from before pinning
+            rank_zero_warn(f"{type(self).__name__}: no {stage} checkpoint recorded ({key}); binding "
+                           f"runs/{stage}/latest, and recording the file it points at")
         path, digest = pin_upstream(self.hparams.get(key), self.hparams.get(f"{key}_sha256"), stage, key)
         self.hparams[key], self.hparams[f"{key}_sha256"] = str(path), digest
         return path

@@ -197,8 +197,8 @@ def test_chain_renders_are_the_distillation_stages_own_renders_at_the_batches_si
     """``benchmarks.reenact --chain``: the teacher's and student's rasterized frames of the driving
     batches are exactly what the distillation module renders, at the batches' size."""
     from benchmarks.reenact import chain_renders
-    from lightning_modules.demo import datamodule_from_config
     from lightning_modules.distill import DistillModule
+    from lightning_modules.run_folder import datamodule_from_config
 
     ckpt = distill_run / "checkpoints" / "last.ckpt"
     dm = datamodule_from_config(distill_run / "config.yaml")
