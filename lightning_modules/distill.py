@@ -149,7 +149,8 @@ class DistillModule(Stage):
         seed: seeds the anchor sampling (one generator per step: resumable) and the warm-up's normals.
         warmup_steps, warmup_lr, warmup_deformation_weight: the per-point warm-up (module
             docstring) at the start of a fit; 0 steps switches it off. A resumed fit does not
-            repeat it (the ``warmup_done`` buffer is in the checkpoint).
+            repeat it (the ``warmup_done`` buffer is in the checkpoint); a fit interrupted inside it
+            saved the weights it started from, and its resumed fit runs the whole warm-up.
         deformation_weight: weight of the blendshape/offset MSE inside L_out during training
             (1: the paper's unweighted L_out; see :func:`models.losses.output_distillation_loss`).
         refine_steps, refine_lr: the student's ``refined`` row (:func:`~lightning_modules.metrics.refine_codes`)
@@ -225,11 +226,15 @@ class DistillModule(Stage):
         self.student = Student(**self.student_init_args)
         self.student.set_canonical(self.teacher_points, radius=self.teacher.radius)
         self.adapter = FeatureAdapter(self.student.latent_dim, self.teacher_feature.shape[1])
+        # only L_feat and L_graph reach the adapter: with both off it is frozen, or DDP would wait for
+        # gradients of parameters no loss touches ("did not receive grad" in the first step)
+        self.adapter.requires_grad_(self.loss_weights["feat"] > 0 or self.loss_weights["graph"] > 0)
         self.register_buffer("warmup_done", torch.zeros((), dtype=torch.bool))  # persistent: resume skips it
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
         self.metrics = HeldOutMetrics({"baseline_mean": ("tracked",), "baseline_nearest": ("tracked",),
                                        "teacher": ("tracked",), "student": ("tracked", "refined")})
         self.strict_loading = False  # checkpoints omit the frozen teacher
+        self._pre_warmup: dict[str, dict[str, torch.Tensor]] | None = None  # set while the warm-up runs
 
     # -- the frozen teacher ------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -407,10 +412,14 @@ class DistillModule(Stage):
         steps = self.hparams.warmup_steps
         if steps == 0 or bool(self.warmup_done) or not (self.loss_weights["out"] > 0 or self.loss_weights["feat"] > 0):
             return
-        if self.trainer.ckpt_path is not None:  # a resumed fit (strategies that restore after this hook too)
-            return
+        if self.trainer.ckpt_path is not None and getattr(self.trainer.strategy, "restore_checkpoint_after_setup", False):
+            return  # a strategy that restores the weights after this hook: warmup_done is not known yet
         from tqdm.auto import tqdm
 
+        # until it ends, a checkpoint (Ctrl-C: RunFolder.on_exception) holds the weights it started from,
+        # and warmup_done False: the resumed fit runs the whole warm-up again, exactly as this one would
+        self._pre_warmup = {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+                            for name, module in (("student", self.student), ("adapter", self.adapter))}
         params = [p for p in (*self.student.parameters(), *self.adapter.parameters()) if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.hparams.warmup_lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -442,6 +451,7 @@ class DistillModule(Stage):
             self.adapter.load_state_dict(state["adapter"])
         self.student.recalibrate_batchnorm()
         self.warmup_done.fill_(True)
+        self._pre_warmup = None
         rank_zero_info(
             f"distillation warm-up: {steps} steps in {time.perf_counter() - start:.1f} s; "
             + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items() if k != "total")
@@ -461,7 +471,7 @@ class DistillModule(Stage):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [*self.student.parameters(), *self.adapter.parameters()]
+        params = [p for p in (*self.student.parameters(), *self.adapter.parameters()) if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=hp.lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
@@ -472,13 +482,18 @@ class DistillModule(Stage):
         checkpoint["state_dict"].setdefault("warmup_done", torch.ones((), dtype=torch.bool))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.student.recalibrate_batchnorm()  # the state dict was collected before this hook: refresh it
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        checkpoint["state_dict"].update({f"student.{k}": v for k, v in self.student.state_dict().items()})
+        if self._pre_warmup is not None:  # interrupted inside the warm-up: the weights it started from
+            student_state = self._pre_warmup["student"]
+            checkpoint["state_dict"].update({f"adapter.{k}": v for k, v in self._pre_warmup["adapter"].items()})
+        else:
+            self.student.recalibrate_batchnorm()  # the state dict was collected before this hook: refresh it
+            student_state = self.student.state_dict()
+        checkpoint["state_dict"].update({f"student.{k}": v for k, v in student_state.items()})
         checkpoint["student"] = {
             "class_path": class_path_of(self.student),
             "init_args": dict(self.student_init_args),
-            "state_dict": self.student.state_dict(),
+            "state_dict": student_state,
             "expression_dim": self.student.expression_dim,
         }
         checkpoint["num_points"] = self.student.num_points

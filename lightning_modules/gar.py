@@ -70,7 +70,7 @@ from models.gan_losses import (
     feature_matching_loss,
     g_loss,
     normal_consistency_loss,
-    r1_penalty,
+    r1_regularizer,
     z_swap_loss,
     z_swap_permutation,
 )
@@ -433,8 +433,7 @@ class GARModule(Stage):
         logs["loss_d"] = loss_d.detach()
         self._log_d_accuracy("train", real_logits, fake_logits, len(batch))
         if self.hparams.r1_every > 0 and self._batch_number() % self.hparams.r1_every == 0:
-            real = target.detach().requires_grad_(True)
-            r1 = r1_penalty(self.discriminator(real), real)
+            r1 = r1_regularizer(self.discriminator, target)  # float32 under mixed precision
             loss_d = loss_d + self.hparams.r1_gamma / 2 * self.hparams.r1_every * r1
             logs["r1"] = r1.detach()
         check_finite_losses({"d": loss_d}, self.global_step)

@@ -27,7 +27,7 @@ PointAvatar's training ingredients beyond the losses, each switchable from the c
 
 Point schedule (PointAvatar): every ``prune_every_epochs`` epochs, points whose accumulated
 composited weight over that period stays below the threshold are deactivated (visibility summed
-over DDP ranks first, never below the floor), while the splat radius is >= ``prune_min_radius``;
+over DDP ranks at every step, never below the floor), while the splat radius is >= ``prune_min_radius``;
 every ``grow_every_epochs`` epochs each active point is duplicated (noise from a generator seeded
 by the epoch, identical on every rank) and the radius shrinks by 0.75.
 """
@@ -154,8 +154,8 @@ class TeacherModule(Stage):
         self.metrics = HeldOutMetrics({"teacher": ("tracked", "refined"), "baseline_mean": ("tracked",),
                                        "baseline_nearest": ("tracked",)})
         self.register_buffer("visibility", torch.zeros(max_points), persistent=False)
-        # each rank accumulates its own frames' visibility (summed over ranks before pruning): DDP
-        # must not overwrite it with rank 0's, as it does module buffers at every forward
+        # the visibility of every rank's frames (all-reduced at each step, training_step): DDP need not
+        # broadcast it from rank 0 at every forward
         self._ddp_params_and_buffers_to_ignore = ["visibility"]
         self._visibility_batches = 0  # training batches accumulated into `visibility` this epoch
 
@@ -217,7 +217,10 @@ class TeacherModule(Stage):
         check_finite_losses(terms, self.global_step)
         loss = sum(w[name] * value for name, value in terms.items())
         (point_weight,) = torch.autograd.grad(weight_image.sum(), ones, retain_graph=True)
-        self.visibility.index_add_(0, out["indices"], point_weight.detach().sum((0, 2)))
+        visibility = torch.zeros_like(self.visibility).index_add_(0, out["indices"], point_weight.detach().sum((0, 2)))
+        # summed over the ranks at every step: every rank (and so every checkpoint, whichever rank
+        # wrote it) holds the visibility of all frames seen so far, and a resumed fit prunes on exactly it
+        self.visibility += self.trainer.strategy.reduce(visibility, reduce_op="sum")
         self._visibility_batches += 1
         self.log_dict({f"teacher/train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
         self.log("teacher/train/loss", loss, prog_bar=True, batch_size=len(batch))
@@ -235,9 +238,8 @@ class TeacherModule(Stage):
         optimizer = self.optimizers().optimizer
         if float(self.teacher.radius) < self.hparams.prune_min_radius:
             self.visibility.zero_()  # PointAvatar stops pruning once the points are this small
-        elif epoch % self.hparams.prune_every_epochs == 0:
-            visibility = self.trainer.strategy.reduce(self.visibility.clone(), reduce_op="sum")
-            self.teacher.reset_optimizer_rows(optimizer, self.teacher.prune(visibility))
+        elif epoch % self.hparams.prune_every_epochs == 0:  # `visibility` is already the sum over ranks
+            self.teacher.reset_optimizer_rows(optimizer, self.teacher.prune(self.visibility.clone()))
             self.visibility.zero_()
         if epoch % self.hparams.grow_every_epochs == 0:
             generator = torch.Generator(device="cpu").manual_seed(1_000_003 * epoch)  # same noise on every rank
@@ -324,8 +326,8 @@ class TeacherModule(Stage):
         checkpoint["num_points"] = self.teacher.num_active
         checkpoint["model_class"] = class_path_of(self.teacher)
         checkpoint["teacher"] = {"class_path": class_path_of(self.teacher), "init_args": dict(self.teacher_init_args)}
-        # the epoch's visibility so far, so a fit resumed mid-epoch prunes on all of it (exact resume;
-        # under DDP this is rank 0's share, loaded by every rank)
+        # the epoch's visibility so far (the sum over ranks), so a fit resumed mid-epoch prunes on all
+        # of it (exact resume, also under DDP: every rank loads the same sum)
         checkpoint["visibility"] = {"sum": self.visibility.detach().cpu().clone(), "batches": self._visibility_batches}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -106,16 +106,22 @@ def rotate_normals(normals: torch.Tensor, world_mat: torch.Tensor) -> torch.Tens
 def pixel_radius(points: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Splat radius in pixels of world-space disks of radius ``radius`` at each point's depth.
 
-    r_px = radius * fx / z (pinhole; fx from K, z the camera-space depth, clamped at 1e-3).
+    r_px = s * radius * fx / z (pinhole; fx from K, z the camera-space depth, clamped at 1e-3), with
+    s = |det A|^(1/3) the scale of world_mat's linear part A = sR (1 for a rigid pose; a similarity
+    [sR | t] maps a disk of radius r to one of radius s r in camera space).
 
     Args:
-        points: (B, N, 3) world points; world_mat: (B, 3, 4); K: (B, 3, 3); radius: () world units.
+        points: (B, N, 3) world points; world_mat: (B, 3, 4) (or (B, 4, 4)); K: (B, 3, 3);
+            radius: () world units.
 
     Returns:
         (B, N) radii in pixels.
     """
     z = world_to_camera(points, world_mat)[..., 2].clamp_min(1e-3)  # (B, N)
-    return radius * K[:, 0, 0, None] / z
+    rows = world_mat[:, :3, :3]
+    det = (rows[:, 0] * torch.cross(rows[:, 1], rows[:, 2], dim=-1)).sum(-1)  # (B,): exportable, no linalg
+    scale = det.abs().pow(1.0 / 3.0).to(z.dtype)
+    return radius * (scale * K[:, 0, 0])[:, None] / z
 
 
 def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "g_loss",
     "normal_consistency_loss",
     "r1_penalty",
+    "r1_regularizer",
     "z_swap_loss",
     "z_swap_permutation",
 ]
@@ -237,6 +238,26 @@ def r1_penalty(real_logits: Logits, real_images: Tensor) -> Tensor:
         per_image = sum(t.float().reshape(b, -1).mean(dim=1) for t in logits) / len(logits)  # (B,)
         (grad,) = torch.autograd.grad(per_image.sum(), real_images, create_graph=True)
         return grad.float().square().reshape(b, -1).sum(dim=1).mean()
+
+
+def r1_regularizer(discriminator: Callable[[Tensor], Logits], real_images: Tensor) -> Tensor:
+    """:func:`r1_penalty` of ``discriminator`` at ``real_images``, its forward and the gradient in float32.
+
+    Under mixed precision D's forward would run in float16/bfloat16, and the R1 gradient (taken with
+    ``torch.autograd.grad``, outside the loss scaler) would be float16 too: the small input gradients
+    of a D near chance underflow to zero. Here autocast is off for the whole penalty; D's weights are
+    float32 under Lightning's mixed precision, so this is the float32 penalty exactly.
+
+    Args:
+        discriminator: maps (B, C, H, W) images to logits (a tensor or a list per scale).
+        real_images: (B, C, H, W) real images (detached; a float32 copy requiring grad is made here).
+
+    Returns:
+        scalar float32, as :func:`r1_penalty`.
+    """
+    with _fp32(real_images):
+        real = real_images.detach().float().requires_grad_(True)
+        return r1_penalty(discriminator(real), real)
 
 
 def normal_consistency_loss(pred_normals: Tensor, target_normals: Tensor, mask: Tensor | None = None) -> Tensor:

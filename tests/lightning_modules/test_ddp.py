@@ -62,7 +62,7 @@ class RankProbe(pl.Callback):
         self.frames.extend((trainer.current_epoch, int(i)) for i in batch.frame_index)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # callbacks run before the module's hook, i.e. before the visibility is all-reduced and used
+        # callbacks run before the module's hook, i.e. before the visibility is pruned on and reset
         if self.visibility is None and hasattr(pl_module, "visibility"):
             self.visibility = pl_module.visibility.detach().clone()
 
@@ -179,9 +179,10 @@ def test_teacher_ddp_point_schedule_identical_across_ranks(ddp_teacher):
     run, r0, r1 = ddp_teacher
     _check_rank_zero_only_outputs(run, r0, r1)
     _assert_sharded(r0, r1)
-    # each rank saw other frames: their own visibilities differ ...
-    assert not torch.equal(r0["visibility"], r1["visibility"])
-    # ... yet pruning (on the all-reduced visibility) and growth (epoch-seeded noise) agree exactly
+    # each rank saw other frames, yet both hold the visibility of all of them (all-reduced at every
+    # step): what rank 0's checkpoint saves and every rank loads on resume, pruned on once
+    assert torch.equal(r0["visibility"], r1["visibility"]) and r0["visibility"].sum() > 0
+    # pruning (on that visibility) and growth (epoch-seeded noise) agree exactly
     _assert_same_state(r0, r1)
     active = r0["state"]["teacher.active"]
     n = int(active.sum())
@@ -199,6 +200,18 @@ def test_distill_ddp_counts_on_rank_zero_only(ddp_distill):
     assert r1["flops"] == [{}]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["flops/student"] == r0["flops"][0]["flops/student"] and metrics["params_ratio"] > 0
+
+
+def test_distill_ddp_with_feature_and_graph_kd_off(ddp_teacher, ddp_cwd):
+    """Without L_feat and L_graph no loss reaches the adapter: it is frozen, and plain DDP (no
+    unused-parameter search) trains the student on both ranks alike."""
+    probe = ddp_cwd / "probe_distill_nokd"
+    _run(ddp_cwd, probe, LIGHTNING, "distill", "--model.init_args.loss_weights.feat=0",
+         "--model.init_args.loss_weights.graph=0", "--trainer.max_steps=2", "--run_dir", str(ddp_cwd / "nokd"))
+    r0, r1 = _probes(probe)
+    _assert_same_state(r0, r1)
+    config = (ddp_cwd / "nokd" / "config.yaml").read_text()
+    assert "feat: 0" in config and "graph: 0" in config
 
 
 def test_gar_ddp_phases_pass_the_unused_parameter_check(ddp_distill, ddp_cwd):

@@ -262,3 +262,59 @@ def test_distillation_and_gar_train_on_the_teachers_fitted_codes(teacher_run, di
     assert torch.equal(codes.expression, saved["codes.expression"])
     gar = GARModule(expression_dim=4, image_size=32, student_ckpt=str(student_ckpt))
     assert torch.equal(gar.codes.translation, saved["codes.translation"])
+
+
+def test_a_warmup_interrupted_by_ctrl_c_is_run_whole_on_resume(teacher_run):
+    """Ctrl-C inside the warm-up: the checkpoint holds the weights it started from and warmup_done
+    False, and the resumed fit runs every warm-up step again from those weights (the old resume
+    skipped the rest of the warm-up)."""
+    interrupted = _warmup_module(teacher_run, steps=6)
+    start = {k: v.clone() for k, v in interrupted.student.state_dict().items()}
+    losses = interrupted.warmup_losses
+    calls = {"n": 0}
+
+    def ctrl_c_on_the_fourth(normals):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return losses(normals)
+
+    interrupted.warmup_losses = ctrl_c_on_the_fourth
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.on_fit_start()
+    assert any(not torch.equal(v, start[k]) for k, v in interrupted.student.state_dict().items())  # 3 steps done
+    checkpoint = {"state_dict": interrupted.state_dict()}
+    interrupted.on_save_checkpoint(checkpoint)  # what RunFolder.on_exception writes
+    assert not bool(checkpoint["state_dict"]["warmup_done"])
+    for name, value in start.items():
+        assert torch.equal(checkpoint["student"]["state_dict"][name], value), name
+        assert torch.equal(checkpoint["state_dict"][f"student.{name}"], value), name
+
+    resumed = _warmup_module(teacher_run, steps=6)
+    resumed.load_state_dict(checkpoint["state_dict"], strict=False)
+    resumed.trainer.ckpt_path = "last.ckpt"  # as a resumed fit's trainer says
+    seen = []
+    resumed_losses = resumed.warmup_losses
+
+    def record(normals):
+        seen.append({k: v.clone() for k, v in resumed.student.state_dict().items()})
+        return resumed_losses(normals)
+
+    resumed.warmup_losses = record
+    resumed.on_fit_start()
+    assert len(seen) == 6 and bool(resumed.warmup_done)  # the whole warm-up, from where it started
+    assert all(torch.equal(seen[0][k], v) for k, v in start.items())
+    after = {k: v.clone() for k, v in resumed.student.state_dict().items()}
+    saved = {"state_dict": resumed.state_dict()}
+    resumed.on_save_checkpoint(saved)  # after the warm-up: the trained weights
+    assert any(not torch.equal(saved["student"]["state_dict"][k], start[k]) for k in after)
+
+
+def test_the_adapter_is_frozen_when_no_loss_reaches_it(teacher_run):
+    off = _warmup_module(teacher_run, steps=0, loss_weights={"feat": 0.0, "graph": 0.0})
+    assert not any(p.requires_grad for p in off.adapter.parameters())
+    adapter = {id(p) for p in off.adapter.parameters()}
+    params = [p for group in off.configure_optimizers()["optimizer"].param_groups for p in group["params"]]
+    assert params and not adapter & {id(p) for p in params}
+    on = _warmup_module(teacher_run, steps=0, loss_weights={"feat": 0.0})  # L_graph still uses it
+    assert all(p.requires_grad for p in on.adapter.parameters())

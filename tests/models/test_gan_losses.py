@@ -324,3 +324,25 @@ def test_divergence_guard_flags_a_val_score_falling_under_its_best():
     assert again.state_dict() == guard.state_dict()
     with pytest.raises(ValueError, match="margin >= 0"):
         DivergenceGuard(margin=-1.0)
+
+
+def test_r1_under_mixed_precision_is_the_float32_penalty():
+    """R1 inside autocast (what 16-mixed/bf16-mixed training runs) equals the float32 penalty; the
+    naive form (D's forward under autocast) does not, so the check can fail."""
+    from models.discriminator import MultiScalePatchDiscriminator
+    from models.gan_losses import r1_penalty, r1_regularizer
+
+    torch.manual_seed(0)
+    d = MultiScalePatchDiscriminator(base_channels=4, num_scales=1, num_layers=2)
+    x = torch.rand(2, 3, 16, 16)
+    real = x.clone().requires_grad_(True)
+    reference = r1_penalty(d(real), real)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = r1_regularizer(d, x)
+        naive_in = x.clone().requires_grad_(True)
+        naive = r1_penalty(d(naive_in), naive_in)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=1e-6, atol=0)
+    assert abs(naive.item() - reference.item()) > 1e-4 * reference.item()  # bfloat16's gradient is off
+    (grad,) = torch.autograd.grad(mixed, list(d.parameters())[0])  # back-propagates into D
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -446,3 +446,18 @@ def test_bad_inputs_raise_clear_errors(change, message):
 def test_module_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PointRasterizer(**kwargs)
+
+
+def test_pixel_radius_by_hand_and_with_a_scale_inside_world_mat():
+    from models.camera import pixel_radius
+
+    points = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])  # depths 2 and 3 under t = (0, 0, 2)
+    world_mat = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 2.0]]])
+    K = torch.tensor([[[100.0, 0, 32], [0, 100.0, 32], [0, 0, 1]]])
+    radius = torch.tensor(0.01)
+    torch.testing.assert_close(pixel_radius(points, world_mat, K, radius), torch.tensor([[0.5, 1 / 3]]))
+    # world_mat = [2R | t]: the disk is twice as large in camera space (and the points twice as deep)
+    angle = torch.tensor(0.3)
+    rot = torch.tensor([[angle.cos(), -angle.sin(), 0], [angle.sin(), angle.cos(), 0], [0, 0, 1.0]])
+    scaled = torch.cat([2 * rot, torch.tensor([[0.0], [0.0], [2.0]])], 1)[None]
+    torch.testing.assert_close(pixel_radius(points, scaled, K, radius), torch.tensor([[1.0, 0.5]]))
