@@ -46,7 +46,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
-from lightning_modules.handoff import class_path_of, load_teacher
+from lightning_modules.handoff import build_student, class_path_of, load_teacher
 from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
@@ -71,7 +71,7 @@ from models.losses import (
     ssim_loss,
 )
 from models.rasterizer import PointRasterizer
-from models.student import CanonicalForward, Student, StudentCanonical
+from models.student import PointStudent, StudentCanonical
 from models.teacher import CanonicalOutput, PointAvatarTeacher
 
 __all__ = ["DistillModule", "student_flop_target"]
@@ -83,7 +83,7 @@ DEFAULT_GT_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2}
 class _StudentFrame(torch.nn.Module):
     """One frame of the student from cached canonical outputs: deformation and shading (for counting)."""
 
-    def __init__(self, student: Student, canonical: StudentCanonical) -> None:
+    def __init__(self, student: PointStudent, canonical: StudentCanonical) -> None:
         super().__init__()
         self.shading = student.shading
         object.__setattr__(self, "_student", student)
@@ -93,7 +93,7 @@ class _StudentFrame(torch.nn.Module):
         return self._student.deform(self.canonical, expression), self._student.shade(self.canonical, world_mat)
 
 
-def student_flop_target(student: Student) -> FlopTarget:
+def student_flop_target(student: PointStudent) -> FlopTarget:
     """The student's :class:`FlopTarget` (canonical forward and one frame, counted like the teacher's).
 
     The canonical count runs the student on ``n`` points of a sphere with their own graph (kNN and
@@ -103,9 +103,7 @@ def student_flop_target(student: Student) -> FlopTarget:
     like = student.points
 
     def canonical(n: int):
-        points = sphere_points(n, like)
-        graph = student.build_graph(points)
-        return count_flops(CanonicalForward(student), (points, *graph.tensors()))
+        return count_flops(*student.flop_forward(sphere_points(n, like)))
 
     def per_frame(n: int):
         modes = [(m, m.training) for m in student.modules()]
@@ -138,8 +136,10 @@ class DistillModule(Stage):
             the run records the file it resolved here (:meth:`~lightning_modules.stage.Stage.bind_upstream`).
         teacher_ckpt_sha256: the SHA-256 of that file, recorded by the run (None: a new run); a
             reload checks the file against it.
-        student: init args of :class:`models.student.Student` that differ from its defaults
-            (``expression_dim`` comes from the teacher).
+        student: the student, ``{class_path, init_args}`` of any :class:`models.student.PointStudent`
+            (default :class:`models.student.Student`; a dict without ``class_path`` is the init args of
+            that default, as configs before class paths wrote it); ``expression_dim`` comes from the
+            teacher (:func:`~lightning_modules.handoff.build_student`).
         loss_weights: λ of {gt, out, feat, graph}; 0 switches a term off.
         gt_weights: weights inside L_gt: {rgb, mask, ssim}.
         graph_anchors: M anchor points of L_graph per step (clamped to N).
@@ -222,8 +222,7 @@ class DistillModule(Stage):
         for name in ("points", "albedo", "normals", "feature", "blendshapes", "offset"):
             self.register_buffer(f"teacher_{name}", getattr(canonical, name).detach().clone(), persistent=False)
 
-        self.student_init_args = {**(student or {}), "expression_dim": self.teacher.expression_dim}
-        self.student = Student(**self.student_init_args)
+        self.student: PointStudent = build_student(student, self.teacher.expression_dim)
         self.student.set_canonical(self.teacher_points, radius=self.teacher.radius)
         self.adapter = FeatureAdapter(self.student.latent_dim, self.teacher_feature.shape[1])
         # only L_feat and L_graph reach the adapter: with both off it is frozen, or DDP would wait for
@@ -297,7 +296,7 @@ class DistillModule(Stage):
             if w["graph"] > 0:
                 generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
                 graph = graph_distillation_loss(
-                    adapted, self.teacher_feature, self.student.graph_neighbors_0,
+                    adapted, self.teacher_feature, self.student.neighbors(),
                     num_anchors=self.hparams.graph_anchors, generator=generator, tau=self.hparams.graph_tau,
                 )
                 terms["graph"] = graph.pop("total")
@@ -492,7 +491,7 @@ class DistillModule(Stage):
         checkpoint["state_dict"].update({f"student.{k}": v for k, v in student_state.items()})
         checkpoint["student"] = {
             "class_path": class_path_of(self.student),
-            "init_args": dict(self.student_init_args),
+            "init_args": dict(self.student.spec["init_args"]),
             "state_dict": student_state,
             "expression_dim": self.student.expression_dim,
         }

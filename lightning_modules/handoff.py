@@ -32,6 +32,7 @@ from models.codes import FrameCodeCorrections
 
 __all__ = [
     "UpstreamChangedError",
+    "build_student",
     "class_from_path",
     "class_path_of",
     "file_sha256",
@@ -173,6 +174,41 @@ def load_teacher(
     return teacher.requires_grad_(False).eval(), codes
 
 
+#: The student of a config that names none (and of checkpoints from before students had a class path).
+DEFAULT_STUDENT = "models.student.Student"
+
+
+def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.Module:
+    """A new student from a config's ``student`` entry.
+
+    Args:
+        spec: ``{"class_path": ..., "init_args": {...}}`` (any :class:`models.student.PointStudent`),
+            or, as configs before class paths wrote it, the init args of :class:`models.student.Student`
+            themselves; None: the default student.
+        expression_dim: E, from the teacher (overrides any in ``init_args``).
+
+    Returns:
+        the student, with ``(class_path, init_args)`` recorded as ``student.spec`` for its checkpoint.
+
+    Raises:
+        ImportError: an unknown class path. TypeError: a class that is not a PointStudent.
+    """
+    from models.student import PointStudent
+
+    spec = dict(spec or {})
+    if "class_path" in spec:
+        class_path, init_args = spec["class_path"], dict(spec.get("init_args") or {})
+    else:
+        class_path, init_args = DEFAULT_STUDENT, spec
+    cls = class_from_path(class_path)
+    if not (isinstance(cls, type) and issubclass(cls, PointStudent)):
+        raise TypeError(f"student class_path {class_path!r} is not a models.student.PointStudent subclass")
+    init_args["expression_dim"] = expression_dim
+    student = cls(**init_args)
+    student.spec = {"class_path": class_path, "init_args": init_args}
+    return student
+
+
 def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """The student of a distillation checkpoint, without the teacher (GAR stage, export, benchmarks).
 
@@ -187,7 +223,7 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     if "student" not in checkpoint:
         raise KeyError(f"{path} holds no student: make one with `lightning fit --config experiments/distill.yaml`")
     entry = checkpoint["student"]
-    student = class_from_path(entry.get("class_path", "models.student.Student"))(**entry["init_args"])
+    student = class_from_path(entry.get("class_path", DEFAULT_STUDENT))(**entry["init_args"])
     student.load_state_dict(entry["state_dict"])
     recalibrate = getattr(student, "recalibrate_batchnorm", None)
     if callable(recalibrate):

@@ -80,6 +80,7 @@ from models.randlanet import RandLAEncoderDecoder, RandLAGraph, SharedMLP, build
 from models.teacher import ShadingNetwork
 
 __all__ = [
+    "PointStudent",
     "StudentGraph",
     "build_student_graph",
     "StudentCanonical",
@@ -153,7 +154,206 @@ class StudentCanonical:
     indices: torch.Tensor | None = None
 
 
-class Student(nn.Module):
+class PointStudent(nn.Module):
+    """The student interface: what the distillation and GAR stages, export and the benchmarks use.
+
+    A new student is one subclass of this (in any importable module) plus a config naming it
+    (``model.init_args.student: {class_path: ..., init_args: {...}}``). It must implement:
+
+    * ``__init__(expression_dim, ...)``: ``expression_dim`` E comes from the teacher; set
+      ``self.expression_dim``, ``self.latent_dim`` (C_s, the width of f_s, the GAR's latent codes)
+      and ``self.shading`` (a module mapping (..., 3) unit camera-space normals to (..., 3) shading
+      in (0, 1), compared with the teacher's in the warm-up);
+    * call ``super().__init__()`` first: it registers the persistent buffers ``points`` (N, 3) and
+      ``radius`` () that :meth:`set_canonical` fills, so the state_dict alone renders the avatar
+      (``load_state_dict`` of any N works; a student with more per-point buffers lists them in
+      ``_canonical_buffer_names`` and overrides :meth:`set_canonical`);
+    * :meth:`canonical` -> :class:`StudentCanonical` (points, albedo, normals, blendshapes,
+      offset, feature f_s), the per-subject outputs;
+    * :meth:`flop_forward` -> the canonical network as a module and its inputs for a cloud, what
+      the FLOP counter counts (per-subject preprocessing such as a kNN graph built outside it).
+
+    Provided here, from those: :meth:`deform`, :meth:`shade`, :meth:`forward` (the teacher's per-frame
+    API), :meth:`neighbors` (the kNN graph of the whole cloud that assisted supervision, L_graph,
+    compares relations on; k = 16), ``num_points``, :meth:`canonical_network_parameters` (all
+    parameters) and :meth:`recalibrate_batchnorm` (nothing to do without batch norm).
+    ``tests/models/test_student_contract.py`` runs every student class through this contract.
+    """
+
+    expression_dim: int
+    latent_dim: int
+    shading: nn.Module
+    points: torch.Tensor
+    radius: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("points", torch.zeros(0, 3))  # (N, 3), set_canonical / load_state_dict
+        self.register_buffer("radius", torch.zeros(()))
+
+    def _canonical_buffer_names(self) -> list[str]:
+        """Persistent buffers whose size follows N (``load_state_dict`` resizes them to the incoming ones)."""
+        return ["points"]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # The canonical buffers take the sizes of the incoming ones (any N); parameters do not.
+        for name in self._canonical_buffer_names():
+            incoming = state_dict.get(prefix + name)
+            current = self._buffers.get(name)
+            if isinstance(incoming, torch.Tensor) and current is not None and incoming.shape != current.shape:
+                self._buffers[name] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    @torch.no_grad()
+    def set_canonical(self, points: torch.Tensor, radius: float | torch.Tensor | None = None) -> None:
+        """Store the subject's canonical points and splat radius as buffers (any N).
+
+        Args:
+            points: (N, 3) float canonical points (the teacher's active points), N >= 2.
+            radius: splat radius in canonical units (the teacher's); default the mean distance from
+                each point to its nearest other point.
+
+        Raises:
+            ValueError: points that are not a finite (N, 3) tensor with N >= 2.
+        """
+        if not isinstance(points, torch.Tensor) or points.dim() != 2 or points.shape[1] != 3 or len(points) < 2:
+            shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
+            raise ValueError(f"set_canonical: points must be a (N, 3) tensor with N >= 2, got {shape}")
+        if not bool(torch.isfinite(points).all()):
+            raise ValueError("set_canonical: points hold NaN or infinite coordinates")
+        self._buffers["points"] = points.detach().to(self.points).clone()
+        if radius is None:
+            nearest = self.neighbors(2)[:, 1]
+            radius = (self.points - self.points[nearest]).norm(dim=-1).mean()
+        self.radius.copy_(torch.as_tensor(radius, dtype=self.radius.dtype))
+
+    # ------------------------------------------------------------------ to implement
+    def canonical(self, points: torch.Tensor | None = None) -> StudentCanonical:
+        """The per-subject outputs on ``points`` (default: the held ones)."""
+        raise NotImplementedError
+
+    def flop_forward(self, points: torch.Tensor) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        """``(module, inputs)``: ``module(*inputs)`` is the canonical network on ``points`` (N, 3)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ provided
+    @property
+    def num_points(self) -> int:
+        """N, the number of canonical points held (0 before :meth:`set_canonical`)."""
+        return int(self.points.shape[0])
+
+    def canonical_network_parameters(self) -> list[nn.Parameter]:
+        """The parameters counted as the student's size (``params/student``): all of them by default."""
+        return list(self.parameters())
+
+    def recalibrate_batchnorm(self) -> None:
+        """Exact batch-norm running statistics for the held cloud (no-op without batch norm)."""
+
+    def neighbors(self, k: int | None = None) -> torch.Tensor:
+        """(N, min(k, N)) int64 kNN indices of the held points, each point first (L_graph's graph;
+        ``k`` None: the student's own choice, 16 here).
+
+        Computed on demand with :func:`models.ops.knn` (a student holding such a graph returns it).
+        """
+        from models.ops import knn
+
+        index, _ = knn(self.points, self.points, min(16 if k is None else k, self.num_points))
+        return index
+
+    def _check_expression(self, expression: torch.Tensor) -> None:
+        check_expression(expression, self.expression_dim, "student")
+
+    def deform(self, canonical: StudentCanonical, expression: torch.Tensor) -> torch.Tensor:
+        """Deformed points x' = x + o(x) + sum_e psi_e B_e(x) (as the teacher's).
+
+        Args:
+            canonical: output of :meth:`canonical` (N points).
+            expression: (B, E) expression codes.
+
+        Returns:
+            (B, N, 3) deformed points in canonical (world) space.
+
+        Raises:
+            ValueError: if ``expression`` is not (B, E).
+        """
+        self._check_expression(expression)
+        return deform_points(canonical.points, canonical.offset, canonical.blendshapes, expression)
+
+    def _shade(
+        self, canonical: StudentCanonical, world_mat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_world_mat(world_mat)
+        return shade_points(self.shading, canonical.normals, canonical.albedo, world_mat)
+
+    def shade(self, canonical: StudentCanonical, world_mat: torch.Tensor) -> torch.Tensor:
+        """Colours c = clamp(2 * S(R n) * albedo, 0, 1) for each frame's camera.
+
+        Args:
+            canonical: output of :meth:`canonical`.
+            world_mat: (B, 3, 4) or (B, 4, 4) world->camera (its rotation turns the normals).
+
+        Returns:
+            (B, N, 3) colours in [0, 1].
+
+        Raises:
+            ValueError: on a bad ``world_mat`` shape.
+        """
+        return self._shade(canonical, world_mat)[0]
+
+    def forward(
+        self,
+        expression: torch.Tensor,
+        world_mat: torch.Tensor,
+        canonical: StudentCanonical | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Per-frame points and colours plus the canonical outputs (the teacher's keys where meaningful).
+
+        Args:
+            expression: (B, E) expression codes.
+            world_mat: (B, 3, 4) or (B, 4, 4) world->camera.
+            canonical: cached :meth:`canonical` output (default: computed now on the held points).
+
+        Returns:
+            dict with ``points`` (B, N, 3) deformed, ``colors`` (B, N, 3), ``shading`` (B, N, 3),
+            ``normals_cam`` (B, N, 3), ``normals`` (N, 3) canonical, ``albedo`` (N, 3), ``feature``
+            (N, C_s) f_s, ``blendshapes`` (N, E, 3), ``offset`` (N, 3), ``canonical_points``
+            (N, 3), ``indices`` None, ``radius`` () splat radius. The teacher's ``sdf`` and
+            ``sdf_grad`` have no student counterpart and are absent.
+
+        Raises:
+            ValueError: on bad shapes, differing batch sizes, or no canonical points.
+        """
+        self._check_expression(expression)
+        check_world_mat(world_mat)
+        if expression.shape[0] != world_mat.shape[0]:
+            raise ValueError(
+                f"expression and world_mat batch sizes differ: {expression.shape[0]} vs {world_mat.shape[0]}"
+            )
+        if canonical is None:
+            canonical = self.canonical()
+        deformed = self.deform(canonical, expression)
+        colors, shading, normals_cam = self._shade(canonical, world_mat)
+        return {
+            "points": deformed,
+            "colors": colors,
+            "shading": shading,
+            "normals_cam": normals_cam,
+            "normals": canonical.normals,
+            "albedo": canonical.albedo,
+            "feature": canonical.feature,
+            "blendshapes": canonical.blendshapes,
+            "offset": canonical.offset,
+            "canonical_points": canonical.points,
+            "indices": None,
+            "radius": self.radius,
+        }
+
+
+class Student(PointStudent):
     """RandLA-Net + GCN student with the teacher's per-frame API (module docstring for the maths).
 
     Args:
@@ -251,11 +451,6 @@ class Student(nn.Module):
         for level in range(self.num_levels):
             names += [f"graph_neighbors_{level}", f"graph_sub_indices_{level}", f"graph_up_indices_{level}"]
         return names
-
-    @property
-    def num_points(self) -> int:
-        """N, the number of canonical points held (0 before :meth:`set_canonical`)."""
-        return int(self.points.shape[0])
 
     @property
     def graph(self) -> StudentGraph:
@@ -382,19 +577,6 @@ class Student(nn.Module):
         self.radius.copy_(torch.as_tensor(radius, dtype=self.radius.dtype))
         self.canonical_set.fill_(True)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # The canonical buffers take the sizes of the incoming ones (any N); parameters do not.
-        for name in self._canonical_buffer_names():
-            incoming = state_dict.get(prefix + name)
-            current = self._buffers.get(name)
-            if isinstance(incoming, torch.Tensor) and current is not None and incoming.shape != current.shape:
-                self._buffers[name] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     # ------------------------------------------------------------------ networks
 
     def forward_canonical(
@@ -474,97 +656,17 @@ class Student(nn.Module):
             feature=feature,
         )
 
-    def _check_expression(self, expression: torch.Tensor) -> None:
-        check_expression(expression, self.expression_dim, "student")
+    def neighbors(self, k: int | None = None) -> torch.Tensor:
+        """The level-0 kNN graph the student holds, (N, k_eff) (``k`` None or the student's k)."""
+        if k is not None and k != self.k:
+            return super().neighbors(k)
+        self._require_canonical()
+        return self.graph_neighbors_0
 
-    @staticmethod
-    def _check_world_mat(world_mat: torch.Tensor) -> None:
-        check_world_mat(world_mat)
-
-    def deform(self, canonical: StudentCanonical, expression: torch.Tensor) -> torch.Tensor:
-        """Deformed points x' = x + o(x) + sum_e psi_e B_e(x) (as the teacher's).
-
-        Args:
-            canonical: output of :meth:`canonical` (N points).
-            expression: (B, E) expression codes.
-
-        Returns:
-            (B, N, 3) deformed points in canonical (world) space.
-
-        Raises:
-            ValueError: if ``expression`` is not (B, E).
-        """
-        self._check_expression(expression)
-        return deform_points(canonical.points, canonical.offset, canonical.blendshapes, expression)
-
-    def _shade(
-        self, canonical: StudentCanonical, world_mat: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._check_world_mat(world_mat)
-        return shade_points(self.shading, canonical.normals, canonical.albedo, world_mat)
-
-    def shade(self, canonical: StudentCanonical, world_mat: torch.Tensor) -> torch.Tensor:
-        """Colours c = clamp(2 * S(R n) * albedo, 0, 1) for each frame's camera.
-
-        Args:
-            canonical: output of :meth:`canonical`.
-            world_mat: (B, 3, 4) or (B, 4, 4) world->camera (its rotation turns the normals).
-
-        Returns:
-            (B, N, 3) colours in [0, 1].
-
-        Raises:
-            ValueError: on a bad ``world_mat`` shape.
-        """
-        return self._shade(canonical, world_mat)[0]
-
-    def forward(
-        self,
-        expression: torch.Tensor,
-        world_mat: torch.Tensor,
-        canonical: StudentCanonical | None = None,
-    ) -> dict[str, torch.Tensor | None]:
-        """Per-frame points and colours plus the canonical outputs (the teacher's keys where meaningful).
-
-        Args:
-            expression: (B, E) expression codes.
-            world_mat: (B, 3, 4) or (B, 4, 4) world->camera.
-            canonical: cached :meth:`canonical` output (default: computed now on the held points).
-
-        Returns:
-            dict with ``points`` (B, N, 3) deformed, ``colors`` (B, N, 3), ``shading`` (B, N, 3),
-            ``normals_cam`` (B, N, 3), ``normals`` (N, 3) canonical, ``albedo`` (N, 3), ``feature``
-            (N, C_s) f_s, ``blendshapes`` (N, E, 3), ``offset`` (N, 3), ``canonical_points``
-            (N, 3), ``indices`` None, ``radius`` () splat radius. The teacher's ``sdf`` and
-            ``sdf_grad`` have no student counterpart and are absent.
-
-        Raises:
-            ValueError: on bad shapes, differing batch sizes, or no canonical points.
-        """
-        self._check_expression(expression)
-        self._check_world_mat(world_mat)
-        if expression.shape[0] != world_mat.shape[0]:
-            raise ValueError(
-                f"expression and world_mat batch sizes differ: {expression.shape[0]} vs {world_mat.shape[0]}"
-            )
-        if canonical is None:
-            canonical = self.canonical()
-        deformed = self.deform(canonical, expression)
-        colors, shading, normals_cam = self._shade(canonical, world_mat)
-        return {
-            "points": deformed,
-            "colors": colors,
-            "shading": shading,
-            "normals_cam": normals_cam,
-            "normals": canonical.normals,
-            "albedo": canonical.albedo,
-            "feature": canonical.feature,
-            "blendshapes": canonical.blendshapes,
-            "offset": canonical.offset,
-            "canonical_points": canonical.points,
-            "indices": None,
-            "radius": self.radius,
-        }
+    def flop_forward(self, points: torch.Tensor) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        """:class:`CanonicalForward` and ``(points, *graph.tensors())`` with a graph built for ``points``
+        (the graph is per-subject preprocessing, outside the counted module)."""
+        return CanonicalForward(self), (points, *self.build_graph(points).tensors())
 
 
 class CanonicalForward(nn.Module):

@@ -259,6 +259,16 @@ def _assert_same_weights(resumed: dict, reference: dict, prefix: str = "", atol:
     return len(keys)
 
 
+def _differing_fraction(a: dict, b: dict, prefix: str = "") -> float:
+    """The fraction of all weight entries under ``prefix`` that differ beyond RTOL/ATOL between two checkpoints."""
+    differ = total = 0
+    for key, ref in b["state_dict"].items():
+        if key.startswith(prefix) and ref.is_floating_point():
+            differ += int((~torch.isclose(a["state_dict"][key], ref, rtol=RTOL, atol=ATOL)).sum())
+            total += ref.numel()
+    return differ / total
+
+
 def _kill_and_resume(tmp_path: Path, args_for, batches: int, hook: str) -> tuple[dict, dict, dict]:
     """Run ``args_for(run_dir)`` uninterrupted; again, killed at ``batches`` from ``hook``; resume the killed run.
 
@@ -307,11 +317,14 @@ def test_teacher_killed_mid_epoch_resumes_to_the_same_points_and_weights(tmp_pat
     assert _batches_done(left) == 3
     assert resumed["global_step"] == reference["global_step"] == 6
     assert int(reference["state_dict"]["teacher.active"].sum()) < 400  # the schedule pruned points
-    # the pruning decision is exact (a replayed or skipped batch changes it); the weights agree to
-    # 3e-4: a few entries of the geometry MLP's first layer, whose gradients are near zero, take
-    # Adam steps of either sign (size lr = 1e-4) from run to run, even between two unbroken runs
+    # the pruning decision is exact (a replayed or skipped batch changes it)
     torch.testing.assert_close(resumed["state_dict"]["teacher.active"], reference["state_dict"]["teacher.active"])
-    _assert_same_weights(resumed, reference, atol=3e-4)  # points, radius, MLPs
+    # the weights agree to ATOL but for a few entries of the geometry MLP's first layer: their gradients
+    # are near zero, and Adam turns run-to-run round-off there into steps of either sign of size lr,
+    # even between two unbroken runs. A tolerance of one lr (3e-4) would pass a replayed batch too; so
+    # instead at most 0.1 % of the entries may differ, where a batch more or less moves most of them.
+    assert _differing_fraction(resumed, reference, "teacher.") <= 1e-3
+    assert _differing_fraction(left, reference, "teacher.") > 0.5  # 3 batches behind: the criterion sees it
 
 
 @pytest.mark.slow
