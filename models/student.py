@@ -80,6 +80,7 @@ from models.randlanet import RandLAEncoderDecoder, RandLAGraph, SharedMLP, build
 from models.teacher import ShadingNetwork
 
 __all__ = [
+    "BRANCHES",
     "PointStudent",
     "StudentGraph",
     "build_student_graph",
@@ -128,6 +129,10 @@ def build_student_graph(
     return build_randla_graph(
         points, k=k, decimation=decimation, num_levels=num_levels, seed=seed, backend=backend
     )
+
+
+#: The student's feature branches: RandLA-Net (local) and the EdgeConv GCN (global).
+BRANCHES = ("randla", "gcn")
 
 
 @dataclass
@@ -372,6 +377,8 @@ class Student(PointStudent):
         latent_dim: C_s, the width of f_s (32).
         shading_width, shading_depth: shading MLP (16, 2).
         norm: "batch" or "none" for every hidden 1x1 layer of both branches and the fusion.
+        branches: the feature branches fused into f_s: ("randla", "gcn") (the paper's), or one of
+            them alone (the ablation's RandLA-only and GCN-only students; ``benchmarks/ablation.py``).
 
     Buffers (persistent, sizes depend on N): ``points`` (N, 3); ``radius`` () splat radius in
     canonical units; ``canonical_set`` () bool; per level l ``graph_neighbors_l`` (n_l, k_eff),
@@ -398,6 +405,7 @@ class Student(PointStudent):
         shading_width: int = 16,
         shading_depth: int = 2,
         norm: str = "batch",
+        branches: tuple[str, ...] = BRANCHES,
     ) -> None:
         super().__init__()
         if expression_dim < 1 or k < 1 or decimation < 1 or latent_dim < 1:
@@ -412,9 +420,15 @@ class Student(PointStudent):
         self.latent_dim = latent_dim
         self.num_levels = len(tuple(randla_channels))
 
-        self.randla = RandLAEncoderDecoder(3, fc0_channels, tuple(randla_channels), norm=norm)
-        self.gcn = GCNBranch(3, tuple(gcn_channels), gcn_global_channels, norm=norm, dynamic=dynamic_graph)
-        layers, width = [], self.randla.out_channels + self.gcn.out_channels
+        self.branches = tuple(branches)
+        if not self.branches or set(self.branches) - set(BRANCHES) or len(set(self.branches)) != len(self.branches):
+            raise ValueError(f"branches must be one or both of {BRANCHES}, got {branches!r}")
+        # a branch left out (the ablation's RandLA-only / GCN-only students) is None
+        self.randla = (RandLAEncoderDecoder(3, fc0_channels, tuple(randla_channels), norm=norm)
+                       if "randla" in self.branches else None)
+        self.gcn = (GCNBranch(3, tuple(gcn_channels), gcn_global_channels, norm=norm, dynamic=dynamic_graph)
+                    if "gcn" in self.branches else None)
+        layers, width = [], sum(b.out_channels for b in (self.randla, self.gcn) if b is not None)
         for c in (*fusion_channels, latent_dim):
             layers.append(SharedMLP(width, c, norm=norm))
             width = c
@@ -511,8 +525,8 @@ class Student(PointStudent):
     def canonical_network_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of both branches, fusion and heads, shading included (no adapters)."""
         return [
-            *self.randla.parameters(),
-            *self.gcn.parameters(),
+            *(self.randla.parameters() if self.randla is not None else ()),
+            *(self.gcn.parameters() if self.gcn is not None else ()),
             *self.fusion.parameters(),
             *self.albedo_head.parameters(),
             *self.normal_head.parameters(),
@@ -600,9 +614,12 @@ class Student(PointStudent):
             if points.dim() != 2 or points.shape[1] != 3:
                 raise ValueError(f"points must be (N, 3), got {tuple(points.shape)}")
             graph.validate(num_points=int(points.shape[0]), num_levels=self.num_levels)
-        local = self.randla(points, points, graph)  # (N, C_A)
-        glob = self.gcn(points, graph.neighbors[0])  # (N, C_B)
-        feature = self.fusion(torch.cat([local, glob], dim=-1))  # (N, C_s)
+        parts = []
+        if self.randla is not None:
+            parts.append(self.randla(points, points, graph))  # (N, C_A) local
+        if self.gcn is not None:
+            parts.append(self.gcn(points, graph.neighbors[0]))  # (N, C_B) global
+        feature = self.fusion(torch.cat(parts, dim=-1))  # (N, C_s)
         albedo = torch.sigmoid(self.albedo_head(feature))  # (N, 3)
         normals = F.normalize(self.normal_head(feature), dim=-1, eps=1e-12)  # (N, 3)
         blendshapes = self.blendshape_head(feature).reshape(-1, self.expression_dim, 3)  # (N, E, 3)

@@ -388,3 +388,23 @@ def test_recalibration_without_batchnorm_is_a_no_op():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.recalibrate_batchnorm()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_one_branch_students_drop_the_other_branch_and_its_parameters():
+    from models.student import Student
+
+    full = Student(expression_dim=4)
+    randla = Student(expression_dim=4, branches=("randla",))
+    gcn = Student(expression_dim=4, branches=("gcn",))
+    assert randla.gcn is None and gcn.randla is None
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    # the fusion's first layer (1x1 to 32) reads 80 = 16 (RandLA decoder) + 64 (GCN: EdgeConvs 16 + 16,
+    # global 32) channels in the full student; without a branch it loses that branch and 32 x its channels
+    assert (full.randla.out_channels, full.gcn.out_channels) == (16, 64)
+    assert count(full) - count(randla) == count(full.gcn) + 32 * 64
+    assert count(full) - count(gcn) == count(full.randla) + 32 * 16
+    with pytest.raises(ValueError, match="branches must be one or both"):
+        Student(expression_dim=4, branches=("pointnet",))

@@ -17,13 +17,19 @@ E = 4
 #: every student class and small init args for it
 STUDENTS = {
     "models.student.Student": {"k": 4, "decimation": 2},
+    "models.student.Student[randla]": {"k": 4, "decimation": 2, "branches": ["randla"]},
+    "models.student.Student[gcn]": {"k": 4, "decimation": 2, "branches": ["gcn"]},
     "tests.students.mlp_student.MLPStudent": {"width": 8, "latent_dim": 6},
 }
 
 
+def _class(name: str) -> type:
+    return class_from_path(name.split("[")[0])  # "[...]": another configuration of the same class
+
+
 def _student(class_path: str) -> PointStudent:
     torch.manual_seed(0)
-    return class_from_path(class_path)(expression_dim=E, **STUDENTS[class_path])
+    return _class(class_path)(expression_dim=E, **STUDENTS[class_path])
 
 
 def _cloud(n: int = 40) -> torch.Tensor:
@@ -42,7 +48,7 @@ def class_path(request) -> str:
 
 
 def test_every_student_class_is_a_point_student(class_path):
-    assert issubclass(class_from_path(class_path), PointStudent)
+    assert issubclass(_class(class_path), PointStudent)
 
 
 def test_canonical_outputs_have_the_declared_shapes_and_ranges(class_path):
@@ -96,7 +102,7 @@ def test_state_dict_alone_restores_the_avatar_at_any_size(class_path):
     student.set_canonical(_cloud(), radius=0.02)
     with torch.no_grad():
         reference = student.canonical()
-    fresh = class_from_path(class_path)(expression_dim=E, **STUDENTS[class_path]).eval()
+    fresh = _class(class_path)(expression_dim=E, **STUDENTS[class_path]).eval()
     fresh.load_state_dict(student.state_dict())
     with torch.no_grad():
         restored = fresh.canonical()
