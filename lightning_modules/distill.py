@@ -231,7 +231,8 @@ class DistillModule(Stage):
         self.register_buffer("warmup_done", torch.zeros((), dtype=torch.bool))  # persistent: resume skips it
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
         self.metrics = HeldOutMetrics({"baseline_mean": ("tracked",), "baseline_nearest": ("tracked",),
-                                       "teacher": ("tracked",), "student": ("tracked", "refined")})
+                                       "teacher": ("tracked",), "student": ("tracked", "refined")},
+                                      swd_models=("student", "teacher"))
         self.strict_loading = False  # checkpoints omit the frozen teacher
         self._pre_warmup: dict[str, dict[str, torch.Tensor]] | None = None  # set while the warm-up runs
 
