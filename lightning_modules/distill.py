@@ -43,6 +43,7 @@ import time
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.flops import FlopTarget, count_flops, sphere_points, teacher_flop_target
@@ -146,6 +147,8 @@ class DistillModule(Stage):
         graph_tau: temperature of the local-relation softmax.
         points_per_pixel: rasterizer setting (the teacher's default, 10).
         lr, lr_milestones, lr_gamma: Adam on the student and the adapter, MultiStepLR over epochs.
+        optimizer, lr_scheduler: another optimiser / epoch schedule, Lightning's ``OptimizerCallable`` /
+            ``LRSchedulerCallable`` (None: Adam, MultiStepLR; :meth:`~lightning_modules.stage.Stage.optimizer_and_schedule`).
         seed: seeds the anchor sampling (one generator per step: resumable) and the warm-up's normals.
         warmup_steps, warmup_lr, warmup_deformation_weight: the per-point warm-up (module
             docstring) at the start of a fit; 0 steps switches it off. A resumed fit does not
@@ -190,9 +193,12 @@ class DistillModule(Stage):
         deformation_weight: float = 1.0,
         refine_steps: int = 20,
         refine_lr: float = 5e-3,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.optimizer_callable, self.lr_scheduler_callable = optimizer, lr_scheduler
         if warmup_steps < 0 or not warmup_lr > 0 or warmup_deformation_weight < 0:
             raise ValueError(
                 f"warmup_steps must be >= 0, warmup_lr > 0 and warmup_deformation_weight >= 0, got "
@@ -472,9 +478,7 @@ class DistillModule(Stage):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in (*self.student.parameters(), *self.adapter.parameters()) if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=hp.lr)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return self.optimizer_and_schedule([{"params": params, "lr": hp.lr}])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)  # refuses a checkpoint trained on another teacher

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lightning_modules.gar import GARModule
+from lightning_modules.handoff import UpstreamChangedError
 from lightning_modules.run_folder import UpstreamMissingError
 from models.camera import rotate_normals
 from models.frame import deform_points, shade_points
@@ -231,7 +232,7 @@ def load_gar_module(run_dir: str | Path, name: str = "last.ckpt") -> GARModule:
     module.on_load_checkpoint(checkpoint)  # what Lightning does on load (the collapse monitor's state)
     try:
         module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:  # e.g. runs/distill/latest now points at another student
+    except RuntimeError as err:  # a run from before pinning whose runs/distill/latest now points elsewhere
         first = str(err).strip().splitlines()[-1].strip()
         raise ExportError(
             f"{run_dir}'s weights do not fit the student checkpoint it points to "
@@ -352,7 +353,7 @@ def ort_inputs(batch, index: int = 0, z: torch.Tensor | None = None) -> dict[str
 def main(argv: list[str] | None = None) -> Path:
     """CLI: ``python -m lightning_modules.export RUN_DIR OUT.onnx [--opset 18]``.
 
-    Errors (no checkpoint, not a GAR run, missing student checkpoint) exit with one line.
+    Errors (no checkpoint, not a GAR run, a missing or changed student checkpoint) exit with one line.
     """
     parser = argparse.ArgumentParser(
         prog="python -m lightning_modules.export",
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     try:
         path = export_run(args.run_dir, args.out, args.opset)
-    except (ExportError, UpstreamMissingError) as err:
+    except (ExportError, UpstreamMissingError, UpstreamChangedError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}", file=sys.stderr)
     return path

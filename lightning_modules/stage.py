@@ -117,6 +117,10 @@ class Stage(pl.LightningModule):
     ddp_find_unused_parameters: ClassVar[bool] = False
 
     metrics: HeldOutMetrics
+    #: the ``optimizer`` / ``lr_scheduler`` init args of a stage that takes them (:meth:`optimizer_and_schedule`);
+    #: the hyper-parameters hold their config, these the callables LightningCLI made from it
+    optimizer_callable: Callable | None = None
+    lr_scheduler_callable: Callable | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,6 +172,26 @@ class Stage(pl.LightningModule):
                 f"this checkpoint was trained on the {stage} checkpoint {path} (sha256 {recorded[:12]}), not on "
                 f"{self.hparams[key]} ({bound[:12]}): pass --model.init_args.{key}={path}"
             )
+
+    # -- optimisation ------------------------------------------------------------------------------------
+    def optimizer_and_schedule(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The stage's optimiser over parameter ``groups`` (each with its own ``lr``) and its epoch schedule.
+
+        Configurable the Lightning way (dependency injection, ``OptimizerCallable`` /
+        ``LRSchedulerCallable``): ``model.init_args.optimizer`` (default ``torch.optim.Adam``) and
+        ``model.init_args.lr_scheduler`` (default ``MultiStepLR(lr_milestones, lr_gamma)``, stepped
+        per epoch), e.g. ``--model.init_args.optimizer=torch.optim.AdamW
+        --model.init_args.optimizer.init_args.weight_decay=0.01``. The groups' learning rates come
+        from the stage's own ``lr`` arguments.
+        """
+        hp = self.hparams
+        optimizer = (self.optimizer_callable or torch.optim.Adam)(groups)
+        schedule = self.lr_scheduler_callable
+        if schedule is None:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
+        else:
+            scheduler = schedule(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # -- what a stage supplies -----------------------------------------------------------------------------
     def eval_renders(self, batch) -> dict[str, Row]:

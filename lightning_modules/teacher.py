@@ -35,6 +35,7 @@ by the epoch, identical on every rank) and the radius shrinks by 0.75.
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_modules.handoff import class_path_of, teacher_state_defaults
 from lightning_modules.metrics import (
@@ -90,6 +91,8 @@ class TeacherModule(Stage):
         normalize_expression: blendshapes per standard deviation of each code (module docstring).
         num_frequencies: positional-encoding frequencies of the geometry/albedo MLP (PointAvatar: 6).
         lr_milestones, lr_gamma: MultiStepLR over epochs (PointAvatar: [40, 60] x 0.5).
+        optimizer, lr_scheduler: another optimiser / epoch schedule, Lightning's ``OptimizerCallable`` /
+            ``LRSchedulerCallable`` (None: Adam, MultiStepLR; :meth:`~lightning_modules.stage.Stage.optimizer_and_schedule`).
         refine_steps, refine_lr: the ``refined`` protocol (:func:`~lightning_modules.metrics.refine_codes`),
             run by ``lightning validate``/``test`` (not inside a fit); 0 steps: no refined row.
     """
@@ -129,9 +132,12 @@ class TeacherModule(Stage):
         use_mean_expression: bool = True,
         normalize_expression: bool = False,
         num_frequencies: int = 6,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.optimizer_callable, self.lr_scheduler_callable = optimizer, lr_scheduler
         if not codes_lr > 0:
             raise ValueError(f"codes_lr must be > 0, got {codes_lr}")
         self.loss_weights = merge_weights("loss weight(s)", loss_weights, DEFAULT_LOSS_WEIGHTS)
@@ -318,9 +324,7 @@ class TeacherModule(Stage):
         ]
         if self.codes is not None:
             groups.append({"params": list(self.codes.parameters()), "lr": hp.codes_lr})
-        optimizer = torch.optim.Adam(groups)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return self.optimizer_and_schedule(groups)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_points"] = self.teacher.num_active

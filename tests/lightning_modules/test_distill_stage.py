@@ -318,3 +318,28 @@ def test_the_adapter_is_frozen_when_no_loss_reaches_it(teacher_run):
     assert params and not adapter & {id(p) for p in params}
     on = _warmup_module(teacher_run, steps=0, loss_weights={"feat": 0.0})  # L_graph still uses it
     assert all(p.requires_grad for p in on.adapter.parameters())
+
+
+def test_optimizer_and_schedule_are_configurable_the_lightning_way(teacher_run, tmp_path):
+    cli = run_stage(
+        "fit", "--config", str(EXPERIMENTS / "distill.yaml"), "--config", str(TINY_MESH),
+        "--model.init_args.teacher_ckpt", str(teacher_run / "checkpoints" / "last.ckpt"),
+        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.optimizer.init_args.weight_decay=0.05",
+        "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.StepLR",
+        "--model.init_args.lr_scheduler.init_args.step_size=3",
+        "--model.init_args.warmup_steps=0", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks=[]", "--run_dir", str(tmp_path / "adamw"),
+    )
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert optimizer.param_groups[0]["lr"] == cli.model.hparams.lr  # the stage's own learning rate
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert type(config.scheduler) is torch.optim.lr_scheduler.StepLR and config.scheduler.step_size == 3
+    reloaded = DistillModule.load_from_checkpoint(tmp_path / "adamw" / "checkpoints" / "last.ckpt")
+    assert type(reloaded.configure_optimizers()["optimizer"]) is torch.optim.AdamW  # the choice travels
+    # the default: Adam and MultiStepLR on lr_milestones
+    module = _warmup_module(teacher_run, steps=0)
+    default = module.configure_optimizers()
+    assert type(default["optimizer"]) is torch.optim.Adam
+    assert sorted(default["lr_scheduler"]["scheduler"].milestones) == list(module.hparams.lr_milestones)
