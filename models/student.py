@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.frame import check_expression, check_world_mat, deform_points, shade_points
+from models.frame import PerFrame, check_world_mat
 from models.gcn import GCNBranch
 from models.randlanet import RandLAEncoderDecoder, RandLAGraph, SharedMLP, build_randla_graph, level_plan
 from models.teacher import ShadingNetwork
@@ -159,7 +159,7 @@ class StudentCanonical:
     indices: torch.Tensor | None = None
 
 
-class PointStudent(nn.Module):
+class PointStudent(PerFrame, nn.Module):
     """The student interface: what the distillation and GAR stages, export and the benchmarks use.
 
     A new student is one subclass of this (in any importable module) plus a config naming it
@@ -190,6 +190,7 @@ class PointStudent(nn.Module):
     shading: nn.Module
     points: torch.Tensor
     radius: torch.Tensor
+    avatar_name = "student"
 
     def __init__(self) -> None:
         super().__init__()
@@ -268,46 +269,6 @@ class PointStudent(nn.Module):
 
         index, _ = knn(self.points, self.points, min(16 if k is None else k, self.num_points))
         return index
-
-    def _check_expression(self, expression: torch.Tensor) -> None:
-        check_expression(expression, self.expression_dim, "student")
-
-    def deform(self, canonical: StudentCanonical, expression: torch.Tensor) -> torch.Tensor:
-        """Deformed points x' = x + o(x) + sum_e psi_e B_e(x) (as the teacher's).
-
-        Args:
-            canonical: output of :meth:`canonical` (N points).
-            expression: (B, E) expression codes.
-
-        Returns:
-            (B, N, 3) deformed points in canonical (world) space.
-
-        Raises:
-            ValueError: if ``expression`` is not (B, E).
-        """
-        self._check_expression(expression)
-        return deform_points(canonical.points, canonical.offset, canonical.blendshapes, expression)
-
-    def _shade(
-        self, canonical: StudentCanonical, world_mat: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_world_mat(world_mat)
-        return shade_points(self.shading, canonical.normals, canonical.albedo, world_mat)
-
-    def shade(self, canonical: StudentCanonical, world_mat: torch.Tensor) -> torch.Tensor:
-        """Colours c = clamp(2 * S(R n) * albedo, 0, 1) for each frame's camera.
-
-        Args:
-            canonical: output of :meth:`canonical`.
-            world_mat: (B, 3, 4) or (B, 4, 4) world->camera (its rotation turns the normals).
-
-        Returns:
-            (B, N, 3) colours in [0, 1].
-
-        Raises:
-            ValueError: on a bad ``world_mat`` shape.
-        """
-        return self._shade(canonical, world_mat)[0]
 
     def forward(
         self,

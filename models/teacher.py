@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from models.frame import check_expression, check_world_mat, deform_points, shade_points
+from models.frame import PerFrame, check_world_mat
 
 __all__ = [
     "positional_encoding",
@@ -419,7 +419,7 @@ class ShadingNetwork(nn.Module):
         return torch.sigmoid(h)
 
 
-class PointAvatarTeacher(nn.Module):
+class PointAvatarTeacher(PerFrame, nn.Module):
     """PointAvatar-style teacher (see the module docstring for the maths, sizes and layouts).
 
     Args:
@@ -439,6 +439,8 @@ class PointAvatarTeacher(nn.Module):
     Raises:
         ValueError: on inconsistent sizes (e.g. ``min_points > init_points``).
     """
+
+    avatar_name = "teacher"
 
     def __init__(
         self,
@@ -738,52 +740,6 @@ class PointAvatarTeacher(nn.Module):
             offset=offset,
         )
 
-    def _check_expression(self, expression: torch.Tensor) -> None:
-        check_expression(expression, self.expression_dim, "teacher")
-
-    @staticmethod
-    def _check_world_mat(world_mat: torch.Tensor) -> None:
-        check_world_mat(world_mat)
-
-    def deform(self, canonical: CanonicalOutput, expression: torch.Tensor) -> torch.Tensor:
-        """Deformed points x' = x + o(x) + sum_e psi_e B_e(x).
-
-        Args:
-            canonical: output of :meth:`canonical` (N points).
-            expression: (B, E) expression codes.
-
-        Returns:
-            (B, N, 3) deformed points in canonical (world) space.
-
-        Raises:
-            ValueError: if ``expression`` is not (B, E).
-        """
-        self._check_expression(expression)
-        return deform_points(canonical.points, canonical.offset, canonical.blendshapes, expression)
-
-    def _shade(
-        self, canonical: CanonicalOutput, world_mat: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._check_world_mat(world_mat)
-        if canonical.normals is None:
-            raise ValueError("shading needs normals: compute the canonical outputs with compute_normals=True")
-        return shade_points(self.shading, canonical.normals, canonical.albedo, world_mat)
-
-    def shade(self, canonical: CanonicalOutput, world_mat: torch.Tensor) -> torch.Tensor:
-        """Colours c = clamp(2 * S(R n) * albedo, 0, 1) for each frame's camera.
-
-        Args:
-            canonical: output of :meth:`canonical` with normals.
-            world_mat: (B, 3, 4) or (B, 4, 4) world->camera (its rotation turns the normals).
-
-        Returns:
-            (B, N, 3) colours in [0, 1].
-
-        Raises:
-            ValueError: on a bad ``world_mat`` shape or missing normals.
-        """
-        return self._shade(canonical, world_mat)[0]
-
     def forward(
         self,
         expression: torch.Tensor,
@@ -808,7 +764,7 @@ class PointAvatarTeacher(nn.Module):
             ValueError: on bad shapes or differing batch sizes.
         """
         self._check_expression(expression)
-        self._check_world_mat(world_mat)
+        check_world_mat(world_mat)
         if expression.shape[0] != world_mat.shape[0]:
             raise ValueError(
                 f"expression and world_mat batch sizes differ: {expression.shape[0]} vs {world_mat.shape[0]}"
