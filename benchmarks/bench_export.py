@@ -50,7 +50,6 @@ import torch
 from datamodules.mesh_views import ring_cameras
 from lightning_modules.export import (
     OPSET,
-    GARFrameGraph,
     export_graph,
     frame_graph,
     load_datamodule,
@@ -58,7 +57,7 @@ from lightning_modules.export import (
 )
 from models.camera import pixel_radius
 from models.rasterizer import rasterize_points
-from models.renderer import GARGenerator
+from models.renderer import GARFrame, GARGenerator
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
@@ -88,7 +87,7 @@ def random_setup(num_points: int, image_size: int, num_frames: int, expression_d
     """Default-size models with random weights on ``num_points`` sphere points, and ring cameras.
 
     Returns:
-        (GARFrameGraph, z (z_dim,), teacher frame callable (expression, world_mat, K) -> image,
+        (GARFrame with the export-friendly rasterizer, z (z_dim,), teacher frame callable (expression, world_mat, K) -> image,
         frames: list of (expression (1, E), world_mat (1, 3, 4), K (1, 3, 3))).
     """
     torch.manual_seed(seed)
@@ -106,10 +105,10 @@ def random_setup(num_points: int, image_size: int, num_frames: int, expression_d
     frames = [(expressions[i : i + 1], world_mats[i : i + 1], Ks[i : i + 1]) for i in range(num_frames)]
     with torch.no_grad():
         canonical = student.canonical()
-    graph = GARFrameGraph(
+    graph = GARFrame(
         canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.feature,
-        student.radius, generator, image_size, points_per_pixel=10,
-        albedo=canonical.albedo, shading=student.shading,
+        canonical.albedo, student.radius, student.shading, generator, image_size, points_per_pixel=10,
+        exportable=True,
     ).eval()
     teacher = _teacher_frame(points, radius, expression_dim, image_size)
     return graph, torch.zeros(sizes["z_dim"]), teacher, frames

@@ -13,6 +13,9 @@ What a device runs per frame (DESIGN.md, "Models" and "GAR"), as one ONNX graph:
 4. the EMA generator of the GAR run (:class:`models.renderer.GARGenerator`, the copy used for
    evaluation).
 
+The graph is the GAR stage's own frame path, :class:`models.renderer.GARFrame` (what every
+evaluated row renders through), exported as it is with ``exportable=True``.
+
 Graph inputs (float32): ``expression`` (1, E), ``world_mat`` (1, 3, 4) world->camera (OpenCV) and
 ``K`` (1, 3, 3) pixel intrinsics, all exactly as the run's datamodule serves them, and ``z``
 (1, z_dim), the global code; ``z`` has a default, the mean training z the GAR module keeps
@@ -33,24 +36,18 @@ import copy
 import importlib
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_modules.gar import GARModule
 from lightning_modules.handoff import UpstreamChangedError
 from lightning_modules.run_folder import UpstreamMissingError
-from models.camera import rotate_normals
-from models.frame import deform_points, shade_points
-from models.rasterizer import RasterOutput, rasterize_points_exportable
-from models.renderer import GARGenerator, generator_inputs
+from models.renderer import GARFrame
 
 __all__ = [
     "ExportError",
-    "GARFrameGraph",
     "OPSET",
     "export_graph",
     "export_run",
@@ -71,111 +68,6 @@ OUTPUT_NAME = "rgb"
 
 class ExportError(ValueError):
     """A run folder that cannot be exported (no checkpoint, not a GAR run); one line for the CLI."""
-
-
-# -- the graph ---------------------------------------------------------------------------------
-
-
-class GARFrameGraph(nn.Module):
-    """One frame of a GAR run from cached student outputs: deform, rasterize at every scale, generate.
-
-    The same computation as :meth:`lightning_modules.gar.GARModule.raster_inputs` followed by the
-    EMA generator, written on plain tensors for export, with the export-friendly rasterizer.
-
-    Args:
-        points, offset, normals: (N, 3) float32 canonical points, offsets and unit normals.
-        blendshapes: (N, E, 3) float32 expression blendshapes.
-        feature: (N, C_s) float32 student latent codes f_s.
-        radius: () float32 splat radius in canonical (world) units (the student's ``radius``).
-        generator: the GAR generator (evaluation copy; used as given, not copied).
-        image_size: S, the square output size in pixels (divisible by 2^(num_scales - 1)).
-        points_per_pixel: rasterizer setting of the run.
-        albedo: (N, 3) float32 student albedo and ``shading`` the student's shading MLP: the
-            colours of the base image a residual generator refines (required then, else unused).
-
-    Shapes:
-        forward(expression (B, E), world_mat (B, 3, 4), K (B, 3, 3), z (B, z_dim)) -> (B, 3, S, S)
-        RGB in (0, 1); the export uses B = 1.
-
-    Raises:
-        ValueError: on inconsistent shapes or a bad ``image_size``.
-    """
-
-    def __init__(
-        self,
-        points: torch.Tensor,
-        offset: torch.Tensor,
-        blendshapes: torch.Tensor,
-        normals: torch.Tensor,
-        feature: torch.Tensor,
-        radius: torch.Tensor,
-        generator: GARGenerator,
-        image_size: int,
-        points_per_pixel: int,
-        albedo: torch.Tensor | None = None,
-        shading: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        n = points.shape[0]
-        if generator.residual and (albedo is None or shading is None or albedo.shape != (n, 3)):
-            raise ValueError(f"a residual generator refines the student's render: pass albedo (N, 3) = ({n}, 3) "
-                             "and the student's shading MLP")
-        if points.shape != (n, 3) or offset.shape != (n, 3) or normals.shape != (n, 3):
-            raise ValueError(
-                f"points, offset and normals must be (N, 3), got {tuple(points.shape)}, {tuple(offset.shape)}, "
-                f"{tuple(normals.shape)}"
-            )
-        if blendshapes.dim() != 3 or blendshapes.shape[0] != n or blendshapes.shape[2] != 3:
-            raise ValueError(f"blendshapes must be (N, E, 3) with N = {n}, got {tuple(blendshapes.shape)}")
-        if feature.shape != (n, generator.feature_channels):
-            raise ValueError(
-                f"feature must be (N, C_s) = ({n}, {generator.feature_channels}) for this generator, "
-                f"got {tuple(feature.shape)}"
-            )
-        if image_size < 1 or image_size % 2 ** (generator.num_scales - 1):
-            raise ValueError(
-                f"image_size must be a positive multiple of 2^(num_scales - 1) = {2 ** (generator.num_scales - 1)}, "
-                f"got {image_size}"
-            )
-        for name, t in (("points", points), ("offset", offset), ("blendshapes", blendshapes),
-                        ("normals", normals), ("feature", feature)):
-            self.register_buffer(name, t.detach().float().clone())
-        self.register_buffer("radius", torch.as_tensor(radius).detach().float().clone().reshape(()))
-        self.albedo = None if albedo is None else nn.Buffer(albedo.detach().float().clone())
-        self.shading = shading
-        self.generator = generator
-        self.image_size = int(image_size)
-        self.points_per_pixel = int(points_per_pixel)
-
-    @property
-    def expression_dim(self) -> int:
-        """E, the expression code size."""
-        return self.blendshapes.shape[1]
-
-    def raster_inputs(
-        self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor,
-        rasterize: Callable[..., RasterOutput] = rasterize_points_exportable,
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The generator's inputs: a list over scales of (B, C_s + 4, S / 2^s, S / 2^s), and the
-        base image (B, 3, S, S) of a residual generator (else None); the GAR stage's
-        :func:`models.renderer.generator_inputs` with the export-friendly rasterizer (``rasterize``:
-        :func:`models.rasterizer.rasterize_points` gives the GAR stage's own PyTorch path, the same
-        result faster in eager mode but not exportable)."""
-        points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
-        normals_cam = rotate_normals(self.normals, world_mat)  # (B, N, 3)
-        colors = None
-        if self.generator.residual:  # the student's colours
-            colors = shade_points(self.shading, self.normals, self.albedo, world_mat)[0]
-        out = generator_inputs(
-            points, self.feature, normals_cam, world_mat, K, (self.image_size, self.image_size),
-            self.generator.num_scales, self.radius, self.points_per_pixel, colors,
-            rasterize=rasterize,
-        )
-        return out.inputs, out.base
-
-    def forward(self, expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        inputs, base = self.raster_inputs(expression, world_mat, K)
-        return self.generator(inputs, z, base)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -263,19 +155,13 @@ def load_datamodule(run_dir: str | Path):
     return datamodule
 
 
-def frame_graph(module) -> GARFrameGraph:
-    """:class:`GARFrameGraph` of a loaded GAR module: its cached student outputs and a copy of its EMA generator."""
-    canonical = module._student_canonical()
-    return GARFrameGraph(
-        points=canonical.points, offset=canonical.offset, blendshapes=canonical.blendshapes,
-        normals=canonical.normals, feature=canonical.feature, radius=module.student.radius,
-        generator=copy.deepcopy(module.generator_ema).eval(), image_size=module.hparams.image_size,
-        points_per_pixel=module.hparams.points_per_pixel,
-        albedo=canonical.albedo, shading=copy.deepcopy(module.student.shading),
-    ).eval()
+def frame_graph(module) -> GARFrame:
+    """The graph to export: the GAR module's own frame path (:meth:`~lightning_modules.gar.GARModule.frame`,
+    the EMA generator) with the export-friendly rasterizer, a copy in eval mode."""
+    return copy.deepcopy(module.frame(exportable=True)).eval()
 
 
-def _example_inputs(graph: GARFrameGraph, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _example_inputs(graph: GARFrame, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A frame in front of the camera (the shapes and dtypes matter; the values only must render)."""
     world_mat = torch.eye(3, 4)[None].clone()
     world_mat[0, 2, 3] = 2.5
@@ -284,7 +170,7 @@ def _example_inputs(graph: GARFrameGraph, z: torch.Tensor) -> tuple[torch.Tensor
     return torch.zeros(1, graph.expression_dim), world_mat, K, z.reshape(1, -1).float()
 
 
-def export_graph(graph: GARFrameGraph, z_default: torch.Tensor, out: str | Path, opset: int = OPSET) -> Path:
+def export_graph(graph: GARFrame, z_default: torch.Tensor, out: str | Path, opset: int = OPSET) -> Path:
     """Write ``graph`` as ONNX to ``out`` with ``z`` defaulting to ``z_default`` (z_dim,).
 
     Returns:

@@ -59,7 +59,7 @@ from lightning_modules.metrics import (
     time_per_frame,
 )
 from lightning_modules.stage import Row, Stage, check_finite_losses, merge_weights, with_code_corrections
-from models.camera import pixel_radius, rotate_normals
+from models.camera import pixel_radius
 from models.discriminator import MultiScalePatchDiscriminator
 from models.encoder import InverseEncoder, NormalEstimator
 from models.gan_losses import (
@@ -76,7 +76,7 @@ from models.gan_losses import (
 )
 from models.losses import masked_l1, ssim_loss
 from models.rasterizer import rasterize_points
-from models.renderer import GARGenerator, GeneratorInputs, ema_update, generator_inputs
+from models.renderer import GARFrame, GARGenerator, GeneratorInputs, ema_update
 
 __all__ = ["GARModule", "GeneratorInputs"]
 
@@ -291,17 +291,22 @@ class GARModule(Stage):
             return self.student_feature[self.feature_shuffle]
         return self.student_feature
 
+    def frame(self, generator: GARGenerator | None = None, image_size: int | None = None,
+              exportable: bool = False) -> GARFrame:
+        """The one frame path (:class:`models.renderer.GARFrame`) on the student's cached outputs with
+        ``generator`` (default: the EMA copy, what every evaluated row and the export render with);
+        ``exportable``: with the export-friendly rasterizer (:func:`lightning_modules.export.frame_graph`)."""
+        c = self._student_canonical()
+        return GARFrame(c.points, c.offset, c.blendshapes, c.normals, c.feature, c.albedo, self.student.radius,
+                        self.student.shading, self.generator_ema if generator is None else generator,
+                        image_size or self.hparams.image_size, self.hparams.points_per_pixel, exportable)
+
     def raster_inputs(self, batch, expression: torch.Tensor, features: str = "real") -> GeneratorInputs:
-        """The generator's inputs for a batch posed by ``expression`` (B, E) (:func:`models.renderer.generator_inputs`),
+        """The generator's inputs for a batch posed by ``expression`` (B, E) (:meth:`GARFrame.raster_inputs`),
         with the point features ``features`` (:meth:`point_features`)."""
-        canonical = self._student_canonical()
-        points = self.student.deform(canonical, expression)  # (B, N, 3)
-        normals_cam = rotate_normals(canonical.normals, batch.world_mat)  # (B, N, 3)
-        colors = self.student.shade(canonical, batch.world_mat) if self.hparams.residual else None
-        return generator_inputs(
-            points, self.point_features(features), normals_cam, batch.world_mat, batch.K, batch.image.shape[-2:],
-            self.hparams.num_scales, self.student.radius, self.hparams.points_per_pixel, colors,
-        )
+        self.student._check_expression(expression)
+        frame = self.frame(image_size=int(batch.image.shape[-1]))
+        return frame.raster_inputs(expression, batch.world_mat, batch.K, self.point_features(features))
 
     def reconstruct(
         self, batch, target: torch.Tensor, tracked: GeneratorInputs | None = None

@@ -55,11 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.camera import pixel_radius
-from models.rasterizer import rasterize_points
+from models.camera import pixel_radius, rotate_normals
+from models.frame import deform_points, shade_points
+from models.rasterizer import rasterize_points, rasterize_points_exportable
 
 __all__ = [
-    "GARGenerator", "GeneratorInputs", "MappingNetwork", "ModulatedConv2d", "ema_update", "generator_inputs",
+    "GARFrame", "GARGenerator", "GeneratorInputs", "MappingNetwork", "ModulatedConv2d", "ema_update", "generator_inputs",
     "pack_raster_inputs",
 ]
 
@@ -454,3 +455,82 @@ def ema_update(ema_module: nn.Module, module: nn.Module, decay: float) -> None:
         e.lerp_(p.to(e.dtype), 1.0 - decay)
     for name, b in bufs.items():
         ema_bufs[name].copy_(b)
+
+
+class GARFrame(nn.Module):
+    """One frame of the GAR from the student's cached canonical outputs: deform by the expression,
+    shade (a residual G's base image), rasterize [f_s, camera-space normal] at every scale, generate.
+
+    The one frame path: the GAR stage renders every row through it (with its EMA generator, or G
+    while training) and the ONNX export writes it as it is, with ``exportable=True`` (the
+    export-friendly rasterizer, bit-equal to :func:`models.rasterizer.rasterize_points` in PyTorch).
+
+    Args:
+        points, offset, normals: (N, 3) canonical points, offsets and unit normals.
+        blendshapes: (N, E, 3) expression blendshapes.
+        feature: (N, C_s) the student's latent codes f_s.
+        albedo: (N, 3) the student's albedo (the base image of a residual generator; else unused).
+        radius: () splat radius in canonical (world) units.
+        shading: the student's shading MLP (camera-space normals -> shading; residual generators).
+        generator: the :class:`GARGenerator` it renders with (shared, not copied).
+        image_size: S, the square output size (a multiple of 2^(num_scales - 1)).
+        points_per_pixel: rasterizer setting.
+        exportable: rasterize with :func:`models.rasterizer.rasterize_points_exportable` (ONNX).
+
+    Shapes:
+        forward(expression (B, E), world_mat (B, 3, 4), K (B, 3, 3), z (B, z_dim)) -> (B, 3, S, S)
+        RGB in (0, 1).
+
+    Raises:
+        ValueError: inconsistent shapes, or an ``image_size`` the generator's scales cannot divide.
+    """
+
+    def __init__(self, points: Tensor, offset: Tensor, blendshapes: Tensor, normals: Tensor, feature: Tensor,
+                 albedo: Tensor, radius: Tensor, shading: nn.Module, generator: GARGenerator, image_size: int,
+                 points_per_pixel: int = 10, exportable: bool = False) -> None:
+        super().__init__()
+        n = points.shape[0]
+        for name, t, shape in (("points", points, (n, 3)), ("offset", offset, (n, 3)), ("normals", normals, (n, 3)),
+                               ("albedo", albedo, (n, 3)), ("feature", feature, (n, generator.feature_channels))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must be {shape} for this generator, got {tuple(t.shape)}")
+        if blendshapes.dim() != 3 or blendshapes.shape[0] != n or blendshapes.shape[2] != 3:
+            raise ValueError(f"blendshapes must be (N, E, 3) with N = {n}, got {tuple(blendshapes.shape)}")
+        if image_size < 1 or image_size % 2 ** (generator.num_scales - 1):
+            raise ValueError(f"image_size must be a positive multiple of 2^(num_scales - 1) = "
+                             f"{2 ** (generator.num_scales - 1)}, got {image_size}")
+        for name, t in (("points", points), ("offset", offset), ("blendshapes", blendshapes), ("normals", normals),
+                        ("feature", feature), ("albedo", albedo)):
+            self.register_buffer(name, t)
+        self.register_buffer("radius", torch.as_tensor(radius).reshape(()))
+        self.shading, self.generator = shading, generator
+        self.image_size, self.points_per_pixel, self.exportable = int(image_size), int(points_per_pixel), exportable
+
+    @property
+    def expression_dim(self) -> int:
+        """E, the expression code size."""
+        return self.blendshapes.shape[1]
+
+    def raster_inputs(self, expression: Tensor, world_mat: Tensor, K: Tensor, feature: Tensor | None = None,
+                      rasterize: Callable | None = None) -> GeneratorInputs:
+        """The generator's inputs (:func:`generator_inputs`) of frames posed by ``expression`` (B, E).
+
+        Args:
+            expression, world_mat, K: (B, E), (B, 3, 4), (B, 3, 3).
+            feature: (N, C_s) point features to rasterize instead of the held f_s (the feature ablation).
+            rasterize: the rasterizer (default by ``exportable``).
+        """
+        points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
+        normals_cam = rotate_normals(self.normals, world_mat)  # (B, N, 3)
+        colors = shade_points(self.shading, self.normals, self.albedo, world_mat)[0] if self.generator.residual else None
+        if rasterize is None:
+            rasterize = rasterize_points_exportable if self.exportable else rasterize_points
+        return generator_inputs(
+            points, self.feature if feature is None else feature, normals_cam, world_mat, K,
+            (self.image_size, self.image_size), self.generator.num_scales, self.radius, self.points_per_pixel,
+            colors, rasterize=rasterize,
+        )
+
+    def forward(self, expression: Tensor, world_mat: Tensor, K: Tensor, z: Tensor) -> Tensor:
+        inputs = self.raster_inputs(expression, world_mat, K)
+        return self.generator(inputs.inputs, z, inputs.base)

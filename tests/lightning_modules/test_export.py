@@ -127,7 +127,8 @@ def test_export_matches_pytorch_on_test_frames(gar_run, exported):
 
 def test_graph_with_the_stage_rasterizer_is_the_stage_path(gar_run):
     """raster_inputs(..., rasterize=rasterize_points), the benchmark's gar_torch path, gives the GAR
-    stage's own generator inputs, bit for bit (and so does the default export-friendly rasterizer)."""
+    stage's own generator inputs, bit for bit (and so does the default export-friendly rasterizer):
+    the exported graph is the stage's frame path (models.renderer.GARFrame) with its rasterizer switched."""
     from lightning_modules.export import frame_graph, load_datamodule, load_gar_module
     from models.rasterizer import rasterize_points
 
@@ -138,7 +139,8 @@ def test_graph_with_the_stage_rasterizer_is_the_stage_path(gar_run):
         ref = module.raster_inputs(batch, batch.expression)
         for rasterize in (rasterize_points, None):
             kwargs = {} if rasterize is None else {"rasterize": rasterize}
-            maps, base = graph.raster_inputs(batch.expression, batch.world_mat, batch.K, **kwargs)
+            out = graph.raster_inputs(batch.expression, batch.world_mat, batch.K, **kwargs)
+            maps, base = out.inputs, out.base
             assert len(maps) == len(ref.inputs) == module.generator_ema.num_scales
             assert all(torch.equal(a, b) for a, b in zip(maps, ref.inputs))
             assert torch.equal(base, ref.base)
