@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on the generator's shape checks
         session = ort.InferenceSession(str(export_graph(graph, z, Path(tmp) / "gar_frame.onnx")), options)
-        maps, base = graph.raster_inputs(*frames[0])
+        out = graph.raster_inputs(*frames[0])
+        maps, base = out.inputs, out.base
         extra = (base,) if base is not None else ()
         torch.onnx.export(_Generator(graph.generator), (*maps, z_b, *extra), str(Path(tmp) / "g.onnx"), dynamo=False,
                           opset_version=OPSET,
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         return gen_session.run(None, gen_feed)
 
     def run_torch(expression, world_mat, K):
-        maps, base = graph.raster_inputs(expression, world_mat, K, rasterize=rasterize_points)
+        out = graph.raster_inputs(expression, world_mat, K, rasterize=rasterize_points)
+        maps, base = out.inputs, out.base
         return graph.generator(maps, z_b, base)
 
     results = {
