@@ -131,3 +131,22 @@ def test_a_fit_resumed_after_latest_moved_keeps_its_teacher(teacher_run, tmp_pat
     cli = run_stage("fit", *common, "--trainer.max_steps=2", "--ckpt_path", "last")
     assert cli.model.hparams.teacher_ckpt == "runs/teacher/first/checkpoints/last.ckpt"
     assert cli.trainer.global_step == 2
+
+
+def test_a_distillation_checkpoint_from_before_pinning_and_class_paths_still_loads(distill_run, teacher_run, tmp_path):
+    """The layout before this change: no recorded hash, the student entry and config without a class
+    path. It loads (binding the teacher its config names, and recording it now)."""
+    from lightning_modules.handoff import load_student
+    from models.student import Student
+
+    old = torch.load(distill_run / "checkpoints" / "last.ckpt", weights_only=False)
+    hparams = old["hyper_parameters"]
+    hparams.pop("teacher_ckpt_sha256")
+    spec = hparams["student"]
+    hparams["student"] = dict(spec["init_args"]) if spec and "class_path" in spec else spec
+    old["student"].pop("class_path")
+    torch.save(old, tmp_path / "old.ckpt")
+    assert isinstance(load_student(tmp_path / "old.ckpt"), Student)
+    module = DistillModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert isinstance(module.student, Student)
+    assert module.hparams.teacher_ckpt_sha256 == file_sha256(teacher_run / "checkpoints" / "last.ckpt")
