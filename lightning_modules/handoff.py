@@ -182,9 +182,10 @@ def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.
     """A new student from a config's ``student`` entry.
 
     Args:
-        spec: ``{"class_path": ..., "init_args": {...}}`` (any :class:`models.student.PointStudent`),
-            or, as configs before class paths wrote it, the init args of :class:`models.student.Student`
-            themselves; None: the default student.
+        spec: ``{"class_path": ..., "init_args": {...}}`` (any :class:`models.student.PointStudent`;
+            other keys beside these two override ``init_args``, which is where the command line's
+            ``--model.init_args.student.<arg>=...`` puts them), or, as configs before class paths
+            wrote it, the init args of :class:`models.student.Student` themselves; None: the default.
         expression_dim: E, from the teacher (overrides any in ``init_args``).
 
     Returns:
@@ -197,7 +198,10 @@ def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.
 
     spec = dict(spec or {})
     if "class_path" in spec:
-        class_path, init_args = spec["class_path"], dict(spec.get("init_args") or {})
+        # keys beside class_path / init_args override init_args: the command line's
+        # --model.init_args.student.latent_dim=16 (and .init_args.latent_dim) land there
+        class_path = spec.pop("class_path")
+        init_args = {**(spec.pop("init_args", None) or {}), **spec}
     else:
         class_path, init_args = DEFAULT_STUDENT, spec
     cls = class_from_path(class_path)

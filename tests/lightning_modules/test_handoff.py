@@ -150,3 +150,16 @@ def test_a_distillation_checkpoint_from_before_pinning_and_class_paths_still_loa
     module = DistillModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
     assert isinstance(module.student, Student)
     assert module.hparams.teacher_ckpt_sha256 == file_sha256(teacher_run / "checkpoints" / "last.ckpt")
+
+
+def test_a_command_line_student_argument_overrides_the_configs():
+    from lightning_modules.handoff import build_student
+
+    spec = {"class_path": "models.student.Student", "init_args": {"k": 8, "latent_dim": 32}, "latent_dim": 16}
+    student = build_student(spec, expression_dim=4)
+    assert student.latent_dim == 16 and student.k == 8 and student.expression_dim == 4
+    assert student.spec["init_args"] == {"k": 8, "latent_dim": 16, "expression_dim": 4}
+    old = build_student({"k": 8}, expression_dim=4)  # a config from before class paths: Student's init args
+    assert type(old).__name__ == "Student" and old.k == 8
+    with pytest.raises(TypeError, match="not a models.student.PointStudent subclass"):
+        build_student({"class_path": "torch.nn.Linear"}, expression_dim=4)

@@ -25,7 +25,9 @@ BF16 = "--trainer.precision=bf16-mixed"
 def spies(monkeypatch) -> dict[str, list]:
     """Wrap the rasterizer entry points and the GAR's GAN losses; record dtypes per call."""
     import lightning_modules.gar as gar
+    import models.gan_losses as gan_losses
     import models.rasterizer as rasterizer
+    import models.renderer as renderer
 
     calls: dict[str, list] = {"raster": [], "composite": [], "gan": []}
 
@@ -48,6 +50,7 @@ def spies(monkeypatch) -> dict[str, list]:
 
     monkeypatch.setattr(rasterizer, "rasterize_points", raster_spy)
     monkeypatch.setattr(gar, "rasterize_points", raster_spy)
+    monkeypatch.setattr(renderer, "rasterize_points", raster_spy)  # the GAR's frame path (GARFrame)
     monkeypatch.setattr(rasterizer, "_composite", composite_spy)
 
     def gan_spy(name, fn):
@@ -59,8 +62,10 @@ def spies(monkeypatch) -> dict[str, list]:
 
         return wrapper
 
-    for name in ("g_loss", "d_loss", "r1_penalty", "normal_consistency_loss"):
+    for name in ("g_loss", "d_loss", "normal_consistency_loss"):
         monkeypatch.setattr(gar, name, gan_spy(name, getattr(gar, name)))
+    # R1 runs inside gan_losses.r1_regularizer (D's forward and the penalty in float32)
+    monkeypatch.setattr(gan_losses, "r1_penalty", gan_spy("r1_penalty", gan_losses.r1_penalty))
     return calls
 
 

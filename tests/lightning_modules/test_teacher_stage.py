@@ -109,7 +109,12 @@ def test_visibility_is_each_points_composited_weight():
         K=torch.tensor([[[100.0, 0, 8], [0, 100.0, 8], [0, 0, 1]]]),
         expression=torch.zeros(1, 2), frame_index=torch.zeros(1, dtype=torch.long),
     )
-    module.log = module.log_dict = lambda *a, **k: None  # no trainer attached
+    import lightning.pytorch as pl
+
+    # a trainer only for its strategy (one device: the all-reduce of the visibility returns it as is)
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False)
+    module.log = module.log_dict = lambda *a, **k: None  # not inside a fit
     module.training_step(batch, 0)
     # the point projects to (8, 8), a pixel corner; pixel centres at (u + 0.5, v + 0.5)
     centres = torch.stack(torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="xy"), -1)
