@@ -63,6 +63,7 @@ def test_table_reads_every_column_from_the_runs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # nine tiny CLI runs (fit, validate, test of three students): minutes on 2 cores
 def test_tiny_ablation_runs_every_stage_and_writes_the_table(teacher_run, tmp_path):
     from lightning_modules.demo import _run_in_process
 
