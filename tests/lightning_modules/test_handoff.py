@@ -117,6 +117,7 @@ def test_reloaded_distillation_binds_its_own_teacher_not_latest(teacher_run, tmp
     assert "\n" not in str(gone.value) and "is gone" in str(gone.value)
 
 
+@pytest.mark.slow
 def test_a_fit_resumed_after_latest_moved_keeps_its_teacher(teacher_run, tmp_path, monkeypatch):
     """`--ckpt_path last` with a config that leaves teacher_ckpt unset resumes on the recorded teacher."""
     monkeypatch.chdir(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import EXPERIMENTS, REPO_ROOT, TINY_MESH, run_stage
@@ -19,6 +20,7 @@ TOY_CLASS = "tests.students.mlp_student.MLPStudent"
 TOY_PARAMS = 64 + 136 + 3 * 27 + 108 + 40 + 30
 
 
+@pytest.mark.slow  # three stages and an ONNX export: about a minute on 2 cores
 def test_the_toy_student_goes_through_distill_gar_and_export(teacher_run, tmp_path):
     from lightning_modules.export import load_datamodule, load_gar_module, main
     from lightning_modules.handoff import load_student
