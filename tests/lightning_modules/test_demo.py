@@ -125,8 +125,11 @@ def test_demo_report_matches_the_runs(demo):
     assert rows["student/tracked"]["training_time_s"] == times["distill_fit"] > 0
     assert rows["gar/tracked"]["training_time_s"] == times["gar_fit"] > 0
     assert rows["baseline_mean/tracked"]["training_time_s"] is None
-    # no run counts the GAR's canonical FLOPs or the teacher's SWD: null, "—" in Markdown
-    assert rows["gar/tracked"]["flops"] is None and rows["teacher/tracked"]["test"]["full"]["swd"] is None
+    # no run counts the GAR's canonical FLOPs: null, "—" in Markdown; the distillation scores the teacher's SWD
+    assert rows["gar/tracked"]["flops"] is None
+    teacher_swd = rows["teacher/tracked"]["test"]["full"]["swd"]
+    assert teacher_swd == _metrics(cwd, report, report["sources"]["teacher/tracked"]["test/full/swd"])[
+        "teacher/tracked/test/full/swd"] >= 0
 
     md = (out / "report.md").read_text()
     headline = md.split("## Test frames, tracked codes")[1].split("\n## ")[0]
