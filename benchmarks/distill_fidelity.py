@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: no distillation run at {run} (needs checkpoints/last.ckpt): run `make demo` or "
                          "`lightning fit --config experiments/distill.yaml` first, or pass --run")
     from lightning_modules.distill import DistillModule
-    from lightning_modules.run_folder import datamodule_from_config
+    from lightning_modules.handoff import datamodule_from_config
 
     module = DistillModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     module.student.recalibrate_batchnorm()

@@ -41,7 +41,6 @@ The last line prints the results as JSON.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -119,6 +118,7 @@ def selected_checkpoint(run: Path, which: str | None = None) -> Path:
 def load_teacher_run(run: Path, which: str | None = None):
     """The teacher module (eval, CPU) of a run's checkpoint (:func:`selected_checkpoint`) and its
     datamodule (prepared, set up), and the checkpoint's path."""
+    from lightning_modules.handoff import class_from_path
     from lightning_modules.teacher import TeacherModule
 
     ckpt = selected_checkpoint(run, which)
@@ -126,10 +126,7 @@ def load_teacher_run(run: Path, which: str | None = None):
     hparams = checkpoint.get("datamodule_hyper_parameters") or {}
     if "_class_path" not in hparams:
         raise SystemExit(f"error: {ckpt} records no datamodule; pass a run made by `lightning fit`")
-    module_name, _, class_name = hparams["_class_path"].rpartition(".")
-    datamodule = getattr(importlib.import_module(module_name), class_name)(
-        **{k: v for k, v in hparams.items() if not k.startswith("_")}
-    )
+    datamodule = class_from_path(hparams["_class_path"])(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = TeacherModule.load_from_checkpoint(ckpt, map_location="cpu").eval()

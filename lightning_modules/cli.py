@@ -31,7 +31,6 @@ config records the file resolved, ``latest`` followed, and its SHA-256 as ``<ini
 from __future__ import annotations
 
 import copy
-import importlib
 import netrc
 import os
 import sys
@@ -45,7 +44,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.handoff import UpstreamChangedError, pin_upstream
+from lightning_modules.handoff import UpstreamChangedError, class_from_path, pin_upstream
 from lightning_modules.resume import PeriodicCheckpoint, RandomState
 from lightning_modules.run_folder import (
     RUN_DIR_ENV,
@@ -59,11 +58,6 @@ from lightning_modules.run_folder import (
 __all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
 
 _RUN_KEYS = ("run_dir", "run_name")
-
-
-def _model_class(class_path: str) -> type:
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _recorded_upstream(cfg, stage: str, key: str) -> tuple[str | None, str | None]:
@@ -83,7 +77,7 @@ def stage_of(class_path: str) -> str:
 
     The class attribute ``stage`` when set, else the class name in lower case.
     """
-    cls = _model_class(class_path)
+    cls = class_from_path(class_path)
     return getattr(cls, "stage", None) or cls.__name__.lower()
 
 
@@ -171,7 +165,7 @@ class AvatarCLI(LightningCLI):
 
         # a stage that builds on another checks its checkpoint before any folder is made
         # and pins it: config.yaml records the file it resolved and its hash (never `latest`)
-        upstream = getattr(_model_class(cfg.model.class_path), "upstream", None)
+        upstream = getattr(class_from_path(cfg.model.class_path), "upstream", None)
         if upstream is not None:
             upstream_stage, key = upstream
             given = cfg.model.init_args.get(key), cfg.model.init_args.get(f"{key}_sha256")

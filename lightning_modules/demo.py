@@ -49,8 +49,8 @@ import numpy as np
 import torch
 import yaml
 
+from lightning_modules.handoff import datamodule_from_config
 from lightning_modules.report import build_report, format_markdown, plot_losses, read_divergence, write_report
-from lightning_modules.run_folder import datamodule_from_config
 
 __all__ = [
     "DemoError",

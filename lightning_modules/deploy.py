@@ -311,7 +311,7 @@ def _frame(gar_ckpt: Path, expression_dim: int, run_size: int, image_size: int |
     reason = f"no {config}"
     if config.is_file():
         try:
-            from lightning_modules.run_folder import datamodule_from_config
+            from lightning_modules.handoff import datamodule_from_config
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 from lightning_modules.gar import GARModule
-from lightning_modules.handoff import UpstreamChangedError
+from lightning_modules.handoff import UpstreamChangedError, class_from_path
 from lightning_modules.run_folder import UpstreamMissingError
 from models.renderer import GARFrame
 
@@ -147,9 +146,7 @@ def load_datamodule(run_dir: str | Path):
     hparams = checkpoint.get("datamodule_hyper_parameters")
     if not hparams or "_class_path" not in hparams:
         raise ExportError(f"{run_dir}'s checkpoint records no datamodule")
-    module_name, _, class_name = hparams["_class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    datamodule = cls(**_init_args(hparams))
+    datamodule = class_from_path(hparams["_class_path"])(**_init_args(hparams))
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule

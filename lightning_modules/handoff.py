@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from lightning_modules.run_folder import UpstreamMissingError, upstream_checkpoint
 from models.codes import FrameCodeCorrections
@@ -35,6 +36,7 @@ __all__ = [
     "build_student",
     "class_from_path",
     "class_path_of",
+    "datamodule_from_config",
     "file_sha256",
     "load_code_corrections",
     "load_student",
@@ -65,6 +67,22 @@ def class_from_path(class_path: str) -> type:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ImportError(f"cannot import class_path {class_path!r}: {err}") from err
+
+
+def datamodule_from_config(config_path: str | os.PathLike):
+    """Instantiate the datamodule of a run from its saved ``config.yaml`` (``data.class_path`` + ``init_args``).
+
+    Raises:
+        FileNotFoundError: no such config.
+        ValueError: the config has no ``data.class_path``.
+    """
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (a run folder's config.yaml)")
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    if "class_path" not in data:
+        raise ValueError(f"{path} has no data.class_path")
+    return class_from_path(data["class_path"])(**(data.get("init_args") or {}))
 
 
 @functools.lru_cache(maxsize=32)

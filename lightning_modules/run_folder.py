@@ -18,7 +18,6 @@ however a fit ends.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import math
 import os
@@ -38,7 +37,6 @@ __all__ = [
     "RunFolderError",
     "UpstreamMissingError",
     "upstream_checkpoint",
-    "datamodule_from_config",
     "get_run_folder",
     "is_metric_key",
     "point_latest",
@@ -345,21 +343,3 @@ def get_run_folder(trainer: pl.Trainer) -> RunFolder:
 def record_metrics(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
     """Add ``metrics`` (flat schema keys) to the run's metrics.json (see :func:`get_run_folder`)."""
     get_run_folder(trainer).record(metrics)
-
-
-def datamodule_from_config(config_path: str | os.PathLike):
-    """Instantiate the datamodule of a run from its saved ``config.yaml`` (``data.class_path`` + ``init_args``).
-
-    Raises:
-        FileNotFoundError: no such config.
-        ValueError: the config has no ``data.class_path``.
-    """
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (a run folder's config.yaml)")
-    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-    if "class_path" not in data:
-        raise ValueError(f"{path} has no data.class_path")
-    module_name, _, class_name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**(data.get("init_args") or {}))

@@ -198,7 +198,7 @@ def test_chain_renders_are_the_distillation_stages_own_renders_at_the_batches_si
     batches are exactly what the distillation module renders, at the batches' size."""
     from benchmarks.reenact import chain_renders
     from lightning_modules.distill import DistillModule
-    from lightning_modules.run_folder import datamodule_from_config
+    from lightning_modules.handoff import datamodule_from_config
 
     ckpt = distill_run / "checkpoints" / "last.ckpt"
     dm = datamodule_from_config(distill_run / "config.yaml")
