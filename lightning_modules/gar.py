@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.handoff import load_code_corrections, load_student
+from lightning_modules.handoff import load_code_corrections, load_student, read_checkpoint
 from lightning_modules.metrics import (
     HeldOutMetrics,
     composite_on_white,
@@ -62,6 +62,7 @@ from lightning_modules.stage import Row, Stage, check_finite_losses, merge_weigh
 from models.camera import pixel_radius
 from models.discriminator import MultiScalePatchDiscriminator
 from models.encoder import InverseEncoder, NormalEstimator
+from models.frame import check_expression
 from models.gan_losses import (
     CollapseMonitor,
     DivergenceGuard,
@@ -228,9 +229,10 @@ class GARModule(Stage):
                              f"{adv_warmup_epochs}")
 
         path = self.bind_upstream()  # the student this run trains on, pinned by path and hash
-        self.student = load_student(str(path)).requires_grad_(False).eval()
+        checkpoint = read_checkpoint(path)  # read once: the student and the teacher's code table
+        self.student = load_student(checkpoint).requires_grad_(False).eval()
         # the teacher's corrected codes of the training frames, through the student's checkpoint
-        self.codes = load_code_corrections(str(path))
+        self.codes = load_code_corrections(checkpoint)
         if self.student.expression_dim != expression_dim:
             raise ValueError(
                 f"the dataset's expression_dim {expression_dim} differs from the student's "
@@ -304,7 +306,7 @@ class GARModule(Stage):
     def raster_inputs(self, batch, expression: torch.Tensor, features: str = "real") -> GeneratorInputs:
         """The generator's inputs for a batch posed by ``expression`` (B, E) (:meth:`GARFrame.raster_inputs`),
         with the point features ``features`` (:meth:`point_features`)."""
-        self.student._check_expression(expression)
+        check_expression(expression, self.student.expression_dim, "student")
         frame = self.frame(image_size=int(batch.image.shape[-1]))
         return frame.raster_inputs(expression, batch.world_mat, batch.K, self.point_features(features))
 

@@ -42,6 +42,7 @@ __all__ = [
     "load_student",
     "load_teacher",
     "pin_upstream",
+    "read_checkpoint",
     "teacher_state_defaults",
 ]
 
@@ -145,8 +146,12 @@ def pin_upstream(
     return resolved, digest
 
 
-def _load(path: str | os.PathLike, map_location: str | torch.device) -> dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+def read_checkpoint(source: str | os.PathLike | dict, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's contents: ``source`` loaded from disk, or ``source`` itself when it is already a
+    loaded checkpoint (so a stage that needs several things from one file reads it once)."""
+    if isinstance(source, dict):
+        return source
+    return torch.load(source, map_location=map_location, weights_only=False)
 
 
 def teacher_state_defaults(state: dict[str, torch.Tensor], teacher: torch.nn.Module, prefix: str = "") -> None:
@@ -171,7 +176,7 @@ def load_teacher(
     Raises:
         KeyError: the checkpoint holds no teacher (one line naming the command that makes one).
     """
-    checkpoint = _load(path, map_location)
+    checkpoint = read_checkpoint(path, map_location)
     state = checkpoint.get("state_dict", {})
     if not any(k.startswith("teacher.") for k in state):
         raise KeyError(f"{path} holds no teacher: make one with `lightning fit --config experiments/teacher.yaml`")
@@ -231,19 +236,20 @@ def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.
     return student
 
 
-def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+def load_student(path: str | os.PathLike | dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """The student of a distillation checkpoint, without the teacher (GAR stage, export, benchmarks).
 
     Built from the checkpoint's ``student`` entry (``class_path`` and ``init_args``; entries without a
     class path are :class:`models.student.Student`), its batch-norm statistics recalibrated when the
-    class can (exact statistics, also for checkpoints made before the stage did it).
+    class can (exact statistics, also for checkpoints made before the stage did it). ``path``: the
+    file, or its contents from :func:`read_checkpoint`.
 
     Raises:
         KeyError: the checkpoint holds no student (not made by the distillation stage).
     """
-    checkpoint = _load(path, map_location)
+    checkpoint = read_checkpoint(path, map_location)
     if "student" not in checkpoint:
-        raise KeyError(f"{path} holds no student: make one with `lightning fit --config experiments/distill.yaml`")
+        raise KeyError(f"{'the checkpoint' if isinstance(path, dict) else path} holds no student: make one with `lightning fit --config experiments/distill.yaml`")
     entry = checkpoint["student"]
     student = class_from_path(entry.get("class_path", DEFAULT_STUDENT))(**entry["init_args"])
     student.load_state_dict(entry["state_dict"])
@@ -253,8 +259,10 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     return student
 
 
-def load_code_corrections(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FrameCodeCorrections | None:
-    """The teacher's per-frame code corrections saved in a distillation checkpoint (frozen), or None
-    when its teacher was fitted without code refinement (GAR stage)."""
-    codes = FrameCodeCorrections.from_state_dict(_load(path, map_location).get("state_dict", {}), "codes.")
+def load_code_corrections(path: str | os.PathLike | dict,
+                          map_location: str | torch.device = "cpu") -> FrameCodeCorrections | None:
+    """The teacher's per-frame code corrections saved in a distillation checkpoint (``path``: the file or
+    its contents from :func:`read_checkpoint`; frozen), or None when its teacher was fitted without
+    code refinement (GAR stage)."""
+    codes = FrameCodeCorrections.from_state_dict(read_checkpoint(path, map_location).get("state_dict", {}), "codes.")
     return codes.requires_grad_(False) if codes is not None else None
