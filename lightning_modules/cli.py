@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.handoff import UpstreamChangedError, class_from_path, pin_upstream
+from lightning_modules.handoff import UpstreamChangedError, class_from_path, pin_upstream, read_checkpoint
 from lightning_modules.resume import PeriodicCheckpoint, RandomState
 from lightning_modules.run_folder import (
     RUN_DIR_ENV,
@@ -66,9 +66,7 @@ def _recorded_upstream(cfg, stage: str, key: str) -> tuple[str | None, str | Non
     last = Path(run_dir) / "checkpoints" / "last.ckpt" if run_dir is not None else None
     if last is None or not last.is_file():
         return None, None  # resolve_run_dir reports the missing checkpoint
-    import torch
-
-    saved = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+    saved = read_checkpoint(last).get("hyper_parameters") or {}
     return saved.get(key), saved.get(f"{key}_sha256")
 
 

@@ -592,7 +592,7 @@ class GARModule(Stage):
 
     def after_eval_epoch(self, split: str, values: dict[str, float]) -> None:
         """Inside a fit: the divergence guard's val criterion, and ``gar/<split>/diverged``."""
-        if self.trainer.state.fn != "fit":
+        if self.outside_fit:
             return
         gar = values.get("gar/tracked/val/full/psnr")
         if gar is not None:
