@@ -159,6 +159,15 @@ class StudentCanonical:
     indices: torch.Tensor | None = None
 
 
+def check_canonical_points(points) -> None:
+    """Raise ValueError unless ``points`` is a finite (N, 3) tensor (what :meth:`PointStudent.set_canonical` stores)."""
+    if not isinstance(points, torch.Tensor) or points.dim() != 2 or points.shape[1] != 3:
+        shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
+        raise ValueError(f"set_canonical: points must be a (N, 3) tensor, got {shape}")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("set_canonical: points hold NaN or infinite coordinates")
+
+
 class PointStudent(PerFrame, nn.Module):
     """The student interface: what the distillation and GAR stages, export and the benchmarks use.
 
@@ -224,13 +233,11 @@ class PointStudent(PerFrame, nn.Module):
                 each point to its nearest other point.
 
         Raises:
-            ValueError: points that are not a finite (N, 3) tensor with N >= 2.
+            ValueError: points that are not a finite (N, 3) tensor (:func:`check_canonical_points`), or N < 2.
         """
-        if not isinstance(points, torch.Tensor) or points.dim() != 2 or points.shape[1] != 3 or len(points) < 2:
-            shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
-            raise ValueError(f"set_canonical: points must be a (N, 3) tensor with N >= 2, got {shape}")
-        if not bool(torch.isfinite(points).all()):
-            raise ValueError("set_canonical: points hold NaN or infinite coordinates")
+        check_canonical_points(points)
+        if len(points) < 2:
+            raise ValueError(f"set_canonical: points must hold N >= 2 points (a nearest other point), got {len(points)}")
         self._buffers["points"] = points.detach().to(self.points).clone()
         if radius is None:
             nearest = self.neighbors(2)[:, 1]
@@ -525,11 +532,7 @@ class Student(PointStudent):
         Raises:
             ValueError: for bad points, or a graph that does not fit them or this network.
         """
-        if not isinstance(points, torch.Tensor) or points.dim() != 2 or points.shape[1] != 3:
-            shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
-            raise ValueError(f"set_canonical: points must be a (N, 3) tensor, got {shape}")
-        if not bool(torch.isfinite(points).all()):
-            raise ValueError("set_canonical: points hold NaN or infinite coordinates")
+        check_canonical_points(points)
         if graph is None:
             graph = self.build_graph(points)
         graph.validate(num_points=int(points.shape[0]), num_levels=self.num_levels)
