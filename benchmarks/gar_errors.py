@@ -55,7 +55,7 @@ def evaluate(module, datamodule, split: str, max_frames: int | None = None, chun
         alphas.append(inputs.alpha)
         renders["student"].append(module.render_student(part))
         renders["gar"].append(module.render_meanz(part))
-        renders["gar_zero_features"].append(module.render_feature_ablation(part)["gar_zero_features"])
+        renders["gar_zero_features"].append(module.render_meanz(part, "zero"))
     alpha = torch.cat(alphas)
     result: dict = {"frames": len(batch)}
     for row, images in renders.items():

@@ -156,7 +156,11 @@ def _render(module, batch, canonical, chunk: int = 32) -> tuple[torch.Tensor, to
 
 
 def _render_refined(module, batch, canonical, chunk: int) -> tuple[torch.Tensor, None]:
-    images = [module._refined_render(part, canonical).detach() for part in _chunks(batch, chunk)]
+    from lightning_modules import point_rows
+
+    steps, lr = module.hparams.refine_steps, module.hparams.refine_lr
+    images = [point_rows.refined(module.teacher, module.rasterizer, part, canonical, steps, lr).detach()
+              for part in _chunks(batch, chunk)]
     return torch.cat(images), None  # no alpha: no spill/miss counts for this row
 
 

@@ -227,6 +227,28 @@ class AvatarCLI(LightningCLI):
                 logger.init_args.version = "csv"
         self._config_text = config_text if rank == 0 and not _started_by_rank_zero() else None
 
+    def _parse_ckpt_path(self) -> None:
+        """As Lightning's (``--ckpt_path``: the checkpoint's hyper-parameters become the model's config),
+        with a checkpoint of the earlier layout first moved into the current one
+        (:meth:`~lightning_modules.stage.Stage.upgrade_hparams`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        if class_path is not None:
+            upgrade = getattr(class_from_path(class_path), "upgrade_hparams", None)
+            hparams = {"class_path": class_path, "dict_kwargs": upgrade(hparams) if upgrade else hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"the hyper-parameters of {ckpt_path} do not parse as this model's config\n")
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

@@ -455,8 +455,7 @@ def deployment_table(
         ValueError: ``repeats`` < 1, or an ``image_size`` < 1 or not divisible by 2^(num_scales - 1).
         DeployError: a missing or unusable checkpoint, or an ``out_dir`` this tool may not write.
     """
-    from lightning_modules.distill import student_flop_target
-    from lightning_modules.flops import count_flops, teacher_flop_target
+    from lightning_modules.flops import count_flops, student_flop_target, teacher_flop_target
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
@@ -471,9 +470,9 @@ def deployment_table(
         raise DeployError(f"the student's E = {student.expression_dim} differs from the teacher's {teacher.expression_dim}")
     world_mat, K, expression, size, camera = _frame(paths["gar"], teacher.expression_dim,
                                                     int(gar.hparams.image_size), image_size)
-    step = 2 ** (int(gar.hparams.num_scales) - 1)
+    step = 2 ** (int(gar.generator_ema.num_scales) - 1)
     if size % step:
-        raise ValueError(f"image_size {size} must be divisible by {step} (the GAR's {gar.hparams.num_scales} scales)")
+        raise ValueError(f"image_size {size} must be divisible by {step} (the GAR's {gar.generator_ema.num_scales} scales)")
     out = prepare_out_dir(out_dir)
 
     canonical = teacher.canonical(method="explicit")  # per subject, with its SDF-gradient normals
@@ -579,18 +578,18 @@ def deployment_table(
         "flops": _flops(lambda: s_target.per_frame(forms["student"]["num_points"])),
         "what": "deform + shade (FLOPs) + rasterize (timed only)",
     }
-    gar_canonical = gar._student_canonical()
+    gar_canonical = gar.student_canonical()
     inputs = gar.raster_inputs(frame, expression)
     z = gar.z_mean.expand(1, -1)
     gar_flops = _flops(lambda: count_flops(gar.student.deform, (gar_canonical, expression)))
-    if gar.hparams.residual:  # the residual generator's base image needs the student's colours
+    if gar.generator_ema.residual:  # the residual generator's base image needs the student's colours
         gar_flops += _flops(lambda: count_flops(gar.student.shade, (gar_canonical, world_mat)))
     gar_flops += _flops(lambda: count_flops(gar.generator_ema, (inputs.inputs, z, inputs.base)))
     forms["student_gar"]["per_frame"] = {
         "ms": _median_ms(lambda: gar.render_meanz(frame), repeats),
         "flops": gar_flops,
-        "what": (f"GAR tracked path, z = mean training z: deform + {'student shading + ' if gar.hparams.residual else ''}"
-                 f"EMA generator (FLOPs) + rasterization at {int(gar.hparams.num_scales)} scales (timed only)"),
+        "what": (f"GAR tracked path, z = mean training z: deform + {'student shading + ' if gar.generator_ema.residual else ''}"
+                 f"EMA generator (FLOPs) + rasterization at {int(gar.generator_ema.num_scales)} scales (timed only)"),
     }
 
     # -- fidelity of the table, both dtypes ---------------------------------------------------------------

@@ -118,7 +118,7 @@ def load_gar_module(run_dir: str | Path, name: str = "last.ckpt") -> GARModule:
         UpstreamMissingError: the run's student checkpoint is gone (one line naming it).
     """
     checkpoint = _read_checkpoint(run_dir, name)
-    init_args = _init_args(checkpoint["hyper_parameters"])
+    init_args = _init_args(GARModule.upgrade_hparams(checkpoint["hyper_parameters"]))  # the earlier layout too
     module = GARModule(**init_args)
     module.on_load_checkpoint(checkpoint)  # what Lightning does on load (the collapse monitor's state)
     try:

@@ -81,6 +81,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_modules.run_folder import record_metrics
+from models.student import PointStudent, StudentCanonical
 from models.teacher import CanonicalOutput, GeometryNetwork, PointAvatarTeacher, fibonacci_sphere
 
 __all__ = [
@@ -99,6 +100,7 @@ __all__ = [
     "multiply_adds",
     "flop_handles",
     "sphere_points",
+    "student_flop_target",
     "teacher_canonical_flops",
     "teacher_flop_target",
     "teacher_frame_flops",
@@ -629,6 +631,52 @@ def teacher_flop_target(teacher: PointAvatarTeacher, num_points: int | None = No
         num_points=teacher.num_active if num_points is None else num_points,
         params=sum(p.numel() for p in teacher.canonical_network_parameters()),
         per_frame=lambda n: teacher_frame_flops(teacher, n),
+    )
+
+
+class _StudentFrame(nn.Module):
+    """One frame of the student from cached canonical outputs: deformation and shading (for counting)."""
+
+    def __init__(self, student: PointStudent, canonical: StudentCanonical) -> None:
+        super().__init__()
+        self.shading = student.shading
+        object.__setattr__(self, "_student", student)
+        self.canonical = canonical
+
+    def forward(self, expression: torch.Tensor, world_mat: torch.Tensor):
+        return self._student.deform(self.canonical, expression), self._student.shade(self.canonical, world_mat)
+
+
+def student_flop_target(student: PointStudent) -> FlopTarget:
+    """The student's :class:`FlopTarget` (canonical forward and one frame, counted like the teacher's).
+
+    The canonical count runs the student on ``n`` points of a sphere with their own graph (kNN and
+    sampling are per-subject preprocessing, not counted); per frame: deformation and shading of
+    the held canonical outputs (the rasterizer is left out, as for the teacher).
+    """
+    like = student.points
+
+    def canonical(n: int):
+        return count_flops(*student.flop_forward(sphere_points(n, like)))
+
+    def per_frame(n: int):
+        modes = [(m, m.training) for m in student.modules()]
+        try:  # eval: counting must not update batch-norm statistics (a resumed fit counts again)
+            with torch.no_grad():
+                cached = student.eval().canonical()
+        finally:
+            for module, training in modes:
+                module.train(training)
+        expression = like.new_zeros(1, student.expression_dim)
+        world_mat = torch.eye(3, 4, dtype=like.dtype, device=like.device)[None].clone()
+        world_mat[0, 2, 3] = 4.0
+        return count_flops(_StudentFrame(student, cached), (expression, world_mat))
+
+    return FlopTarget(
+        canonical=canonical,
+        num_points=student.num_points,
+        params=sum(p.numel() for p in student.canonical_network_parameters()),
+        per_frame=per_frame,
     )
 
 

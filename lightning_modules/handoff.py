@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import inspect
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from models.codes import FrameCodeCorrections
 
 __all__ = [
     "UpstreamChangedError",
+    "build_model",
     "build_student",
+    "network_entry",
     "class_from_path",
     "class_path_of",
     "datamodule_from_config",
@@ -201,39 +204,66 @@ def load_teacher(
 DEFAULT_STUDENT = "models.student.Student"
 
 
-def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.Module:
-    """A new student from a config's ``student`` entry.
+def build_model(spec: Mapping[str, Any] | None, default: str, injected: Mapping[str, Any],
+                base: type | None = None, role: str = "model") -> torch.nn.Module:
+    """A new network from a config's ``{class_path, init_args}`` entry (students, the teacher's network,
+    the GAR's generator, discriminator and encoder).
 
     Args:
-        spec: ``{"class_path": ..., "init_args": {...}}`` (any :class:`models.student.PointStudent`;
-            other keys beside these two override ``init_args``, which is where the command line's
-            ``--model.init_args.student.<arg>=...`` puts them), or, as configs before class paths
-            wrote it, the init args of :class:`models.student.Student` themselves; None: the default.
-        expression_dim: E, from the teacher (overrides any in ``init_args``).
+        spec: ``{"class_path": ..., "init_args": {...}}``; other keys beside these two override
+            ``init_args`` (where the command line's ``--model.init_args.<role>.<arg>=...`` puts them).
+            A dict without ``class_path`` is the init args of ``default`` (configs written before
+            class paths); None: ``default`` with its defaults.
+        default: the class path used when ``spec`` names none.
+        injected: init args the stage sets from elsewhere (sizes of the data or of the upstream model).
+        base: the class the model must derive from (None: any).
+        role: the config entry's name, for errors.
 
     Returns:
-        the student, with ``(class_path, init_args)`` recorded as ``student.spec`` for its checkpoint.
+        the model, with ``(class_path, init_args)`` recorded as ``model.spec`` for its checkpoint.
 
     Raises:
-        ImportError: an unknown class path. TypeError: a class that is not a PointStudent.
+        ImportError: an unknown class path. TypeError: a class that is not a ``base``.
+        ValueError: ``init_args`` setting an injected arg to another value than the stage's.
     """
-    from models.student import PointStudent
-
     spec = dict(spec or {})
+    if "init_args" in spec and "class_path" not in spec:
+        raise ValueError(f"the {role} entry has init_args but no class_path (a later config replaces a network "
+                         f"entry as a whole): give its class_path and every init arg in the last config")
     if "class_path" in spec:
-        # keys beside class_path / init_args override init_args: the command line's
-        # --model.init_args.student.latent_dim=16 (and .init_args.latent_dim) land there
         class_path = spec.pop("class_path")
         init_args = {**(spec.pop("init_args", None) or {}), **spec}
     else:
-        class_path, init_args = DEFAULT_STUDENT, spec
+        class_path, init_args = default, spec
     cls = class_from_path(class_path)
-    if not (isinstance(cls, type) and issubclass(cls, PointStudent)):
-        raise TypeError(f"student class_path {class_path!r} is not a models.student.PointStudent subclass")
-    init_args["expression_dim"] = expression_dim
-    student = cls(**init_args)
-    student.spec = {"class_path": class_path, "init_args": init_args}
-    return student
+    if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{role} class_path {class_path!r} is not a {class_path_of(base)} subclass")
+    for key, value in injected.items():
+        if key in init_args and init_args[key] != value:
+            raise ValueError(f"{role}.init_args.{key}={init_args[key]!r} disagrees with the stage's {value!r} "
+                             f"(set by the stage): remove it from the {role} entry")
+    init_args.update(injected)
+    model = cls(**init_args)
+    model.spec = {"class_path": class_path, "init_args": init_args}
+    return model
+
+
+def network_entry(model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+    """A checkpoint's entry for a network :func:`build_model` made: ``{class_path, init_args, **extra}``
+    (what :func:`load_teacher` and :func:`load_student` build it from)."""
+    return {"class_path": model.spec["class_path"], "init_args": dict(model.spec["init_args"]), **extra}
+
+
+def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.Module:
+    """A new student from a config's ``student`` entry (:func:`build_model`; the default
+    :data:`DEFAULT_STUDENT`; any :class:`models.student.PointStudent`), E from the teacher.
+
+    Raises:
+        ImportError, TypeError, ValueError: as :func:`build_model`.
+    """
+    from models.student import PointStudent
+
+    return build_model(spec, DEFAULT_STUDENT, {"expression_dim": expression_dim}, PointStudent, "student")
 
 
 def load_student(path: str | os.PathLike | dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:

@@ -52,6 +52,7 @@ __all__ = [
     "HeldOutMetrics",
     "RefinedCodes",
     "composite_on_white",
+    "invert_codes",
     "metric_key",
     "nearest_training_frames",
     "refine_codes",
@@ -314,6 +315,40 @@ def refined_render(
                          inputs=(batch, *inputs))
     with torch.no_grad():
         return render(codes.expression, codes.world_mat, codes.extra, batch, *inputs)
+
+
+def invert_codes(
+    render: Callable[..., torch.Tensor], z: torch.Tensor, expression: torch.Tensor,
+    target: torch.Tensor, steps: int, lr: float, ssim_weight: float, inputs: tuple = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAR's inversion refinement (Piao et al., CVPR 2021; REFERENCES.md, "Renderers"): ``steps`` Adam
+    steps (learning rate ``lr``) on L1 + ``ssim_weight`` (1 - SSIM) of ``render(z, expression)``
+    against ``target``, over the two codes only (no parameter or optimiser state changes).
+
+    Runs in float32, outside inference mode (on clones), so Lightning's evaluation can call it.
+
+    Args:
+        render: (z (B, Z), expression (B, E), *inputs) -> (B, 3, H, W) render on white.
+        z, expression: the start (E's output).
+        target: (B, 3, H, W) the frames on white under their masks.
+        inputs: further arguments of ``render`` (the batch), passed as clones made outside inference mode.
+
+    Returns:
+        z (B, Z) and expression (B, E), detached, float32.
+    """
+    from models.losses import masked_l1, ssim_loss
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(target.device.type, enabled=False):
+        target, inputs = target.detach().clone().float(), _clone_tree(tuple(inputs))
+        z = z.detach().float().clone().requires_grad_(True)
+        code = expression.detach().float().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([z, code], lr=lr)
+        for _ in range(steps):
+            fake = render(z, code, *inputs)
+            loss = masked_l1(fake, target) + ssim_weight * ssim_loss(fake, target)
+            z.grad, code.grad = torch.autograd.grad(loss, (z, code))
+            optimizer.step()
+    return z.detach(), code.detach()
 
 
 def time_per_frame(fn: Callable[[], object], repeats: int = 3) -> float:

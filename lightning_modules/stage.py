@@ -37,10 +37,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.handoff import UpstreamChangedError, pin_upstream
+from lightning_modules.handoff import UpstreamChangedError, pin_upstream, read_checkpoint
 from lightning_modules.metrics import HeldOutMetrics
 
-__all__ = ["Row", "Stage", "check_finite_losses", "merge_weights", "with_code_corrections"]
+__all__ = ["Row", "Stage", "check_expression_dim", "check_finite_losses", "check_refine", "merge_weights", "with_code_corrections"]
 
 #: One evaluated render: (model, protocol, image (B, 3, H, W) in [0, 1]).
 Row = tuple[str, str, torch.Tensor]
@@ -58,6 +58,19 @@ def check_finite_losses(terms: Mapping[str, torch.Tensor], step: int) -> None:
                 f"step {step}: loss term '{name}' is {value.item()}; lower the learning rate or its weight "
                 f"(model.init_args.loss_weights.{name})"
             )
+
+
+def check_refine(steps: int, lr: float) -> None:
+    """Raises ValueError unless a stage's ``refine_steps`` >= 0 and ``refine_lr`` > 0."""
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {steps} and {lr}")
+
+
+def check_expression_dim(expression_dim: int, model, path, upstream: str) -> None:
+    """Raises ValueError unless the dataset's ``expression_dim`` equals the ``upstream`` model's (read from ``path``)."""
+    if model.expression_dim != expression_dim:
+        raise ValueError(f"the dataset's expression_dim {expression_dim} differs from the {upstream}'s "
+                         f"{model.expression_dim} ({path}): train on the {upstream}'s dataset")
 
 
 def merge_weights(name: str, given: Mapping[str, float] | None, defaults: Mapping[str, float]) -> dict[str, float]:
@@ -116,6 +129,11 @@ class Stage(pl.LightningModule):
     #: search for unused parameters; the CLI turns it on)
     ddp_find_unused_parameters: ClassVar[bool] = False
 
+    #: networks given by ``{class_path, init_args}``: init arg -> the default class path
+    NETWORKS: ClassVar[Mapping[str, str]] = {}
+    #: flat init args of configs and checkpoints from before :attr:`NETWORKS`: old name -> (network, its arg)
+    LEGACY_ARGS: ClassVar[Mapping[str, tuple[str, str]]] = {}
+
     metrics: HeldOutMetrics
     #: the ``optimizer`` / ``lr_scheduler`` init args of a stage that takes them (:meth:`optimizer_and_schedule`);
     #: the hyper-parameters hold their config, these the callables LightningCLI made from it
@@ -126,6 +144,30 @@ class Stage(pl.LightningModule):
         super().__init__()
         self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
         self._eval_cache: dict[str, Any] = {}  # per evaluation epoch (canonical outputs, ...)
+
+    # -- configs and checkpoints of the earlier layout ---------------------------------------------------
+    @classmethod
+    def upgrade_hparams(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """``hparams`` in the current layout: each flat :attr:`LEGACY_ARGS` key moved into its network's
+        ``{class_path, init_args}`` entry (the default class of :attr:`NETWORKS` when it has none).
+        Current hyper-parameters come back unchanged."""
+        hparams = dict(hparams)
+        for old, (network, arg) in cls.LEGACY_ARGS.items():
+            if old in hparams:
+                spec = dict(hparams.get(network) or {"class_path": cls.NETWORKS[network]})
+                spec["init_args"] = {**(spec.get("init_args") or {}), arg: hparams.pop(old)}
+                hparams[network] = spec
+        return hparams
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's ``load_from_checkpoint``, for checkpoints of the earlier layout too: their flat
+        network sizes are read into the networks' entries (:meth:`upgrade_hparams`; Lightning alone
+        would drop them and build the default sizes). ``kwargs`` still override the checkpoint's."""
+        saved = read_checkpoint(checkpoint_path, "cpu").get("hyper_parameters") or {}
+        upgraded = cls.upgrade_hparams(saved)
+        kwargs = {**{k: upgraded[k] for k in cls.NETWORKS if upgraded.get(k) != saved.get(k)}, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # -- upstream ------------------------------------------------------------------------------------
     def bind_upstream(self) -> Path:
@@ -227,6 +269,12 @@ class Stage(pl.LightningModule):
         """True in ``lightning validate``/``test``: rows that look at the scored frame run there only,
         never inside a fit (where val selects the checkpoint)."""
         return self.trainer.state.fn != "fit"
+
+    def refine_setting(self) -> tuple[int, float] | None:
+        """``(refine_steps, refine_lr)`` of the stage's ``refined`` rows, which look at the scored frame:
+        None inside a fit (val selects the checkpoint there) or with 0 steps."""
+        steps = int(self.hparams.get("refine_steps", 0))
+        return (steps, float(self.hparams.refine_lr)) if steps > 0 and self.outside_fit else None
 
     def cached(self, name: str, make: Callable[[], Any]) -> Any:
         """``make()`` once per evaluation epoch (e.g. the canonical outputs, shared by every batch)."""

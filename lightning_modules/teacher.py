@@ -9,44 +9,37 @@ VGG term whose weights cannot be downloaded here):
         + w_eikonal (|grad SDF| - 1)^2 + w_sdf_consistency SDF(x)^2 + w_blendshape sum_e w_e |B_e|^2
         + w_code_prior prior(corrections)
 
-PointAvatar's training ingredients beyond the losses, each switchable from the config:
+PointAvatar's training switches, each from the config (docs/teacher.md has what each did here):
+``code_refinement`` (learnable corrections of the training frames' expression codes and head poses,
+:class:`models.codes.FrameCodeCorrections`, with their own learning rate ``codes_lr`` and a prior
+tying them to tracking; saved in the checkpoint, and the later stages train on the corrected codes
+of those frames, :func:`~lightning_modules.stage.with_code_corrections`), ``use_var_expression``
+(the blendshape prior weighted by 1 / var_e of the training codes), ``use_mean_expression`` (the
+canonical expression psi_c = the mean training expression) and ``normalize_expression`` (not
+PointAvatar's: blendshapes learnt per training standard deviation of each code component).
 
-* ``code_refinement`` (PointAvatar's ``optimize_expression``/``optimize_camera``): learnable
-  per-frame corrections of the training frames' expression codes and head poses
-  (:class:`models.codes.FrameCodeCorrections`, their own learning rate ``codes_lr``, a prior tying
-  them to tracking), saved in the checkpoint; the distillation and GAR stages train on the corrected
-  codes of those frames (:func:`with_code_corrections`). Val and test frames keep their tracked codes.
-* ``use_var_expression``: the blendshape prior weighted by 1 / var_e of the training codes.
-* ``use_mean_expression``: the canonical expression psi_c = the mean training expression.
-* ``normalize_expression``: the deformer learns its blendshapes per training standard deviation of
-  each code component (:meth:`~models.teacher.PointAvatarTeacher.set_expression_scale`); the
-  blendshape prior then applies to that displacement per standard deviation. Without it the
-  blendshape of a component learns in proportion to its variance: our PCA codes span a 200x range
-  of variances, and in the CPU budget every component but the first few stayed at a millimetre.
-  Off by default: it lowered val PSNR (docs/teacher.md).
-
-Point schedule (PointAvatar): every ``prune_every_epochs`` epochs, points whose accumulated
-composited weight over that period stays below the threshold are deactivated (visibility summed
-over DDP ranks at every step, never below the floor), while the splat radius is >= ``prune_min_radius``;
-every ``grow_every_epochs`` epochs each active point is duplicated (noise from a generator seeded
-by the epoch, identical on every rank) and the radius shrinks by 0.75.
+Point schedule: PointAvatar's growth and pruning (:class:`~lightning_modules.point_schedule.PointSchedule`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_modules.handoff import class_path_of, teacher_state_defaults
-from lightning_modules.metrics import (
-    HeldOutMetrics,
-    composite_on_white,
-    multiply_adds,
-    refined_render,
-    time_per_frame,
+from lightning_modules import point_rows
+from lightning_modules.handoff import build_model, network_entry, teacher_state_defaults
+from lightning_modules.metrics import HeldOutMetrics, composite_on_white
+from lightning_modules.point_schedule import PointSchedule
+from lightning_modules.stage import (
+    Row,
+    Stage,
+    check_finite_losses,
+    check_refine,
+    merge_weights,
+    with_code_corrections,
 )
-from lightning_modules.stage import Row, Stage, check_finite_losses, merge_weights, with_code_corrections
-from models.camera import pixel_radius
 from models.codes import FrameCodeCorrections
 from models.losses import (
     blendshape_regularization,
@@ -68,17 +61,17 @@ DEFAULT_LOSS_WEIGHTS = {"rgb": 1.0, "mask": 1.0, "ssim": 0.2, "eikonal": 0.1, "s
                         "blendshape": 1e-3, "code_prior": 1e-2}
 
 
-class TeacherModule(Stage):
+class TeacherModule(PointSchedule, Stage):
     """Trains the teacher avatar; validation/test write ``teacher/*`` and the baselines' metrics
     (:mod:`lightning_modules.metrics`: ``tracked`` rows always, the ``refined`` row in ``lightning
     validate``/``test`` runs).
 
     Args:
         expression_dim, image_size: from the datamodule (linked by the CLI).
-        max_points, init_points, min_points, prune_threshold, radius_factor: the point buffer
-            (see :class:`~models.teacher.PointAvatarTeacher`).
-        geometry_width, geometry_depth, deformer_width, deformer_depth, shading_width: MLP sizes
-            (PointAvatar's by default).
+        teacher: the network, ``{class_path, init_args}`` of a :class:`~models.teacher.PointAvatarTeacher`
+            (None: its defaults, PointAvatar's MLP sizes and point buffer); ``expression_dim`` comes
+            from the dataset. Checkpoints and configs of the earlier layout, with its init args
+            (``max_points``, ``geometry_width``, ...) among the stage's, are read into it.
         points_per_pixel: depth-nearest points composited per pixel (PointAvatar: 10).
         grow_every_epochs, prune_every_epochs: point schedule (PointAvatar: 5 and 1).
         prune_min_radius: no pruning once the splat radius is below this (PointAvatar: 0.006).
@@ -89,32 +82,25 @@ class TeacherModule(Stage):
             this Adam learning rate (module docstring).
         use_var_expression, use_mean_expression: PointAvatar's switches (module docstring).
         normalize_expression: blendshapes per standard deviation of each code (module docstring).
-        num_frequencies: positional-encoding frequencies of the geometry/albedo MLP (PointAvatar: 6).
         lr_milestones, lr_gamma: MultiStepLR over epochs (PointAvatar: [40, 60] x 0.5).
-        optimizer, lr_scheduler: another optimiser / epoch schedule, Lightning's ``OptimizerCallable`` /
-            ``LRSchedulerCallable`` (None: Adam, MultiStepLR; :meth:`~lightning_modules.stage.Stage.optimizer_and_schedule`).
-        refine_steps, refine_lr: the ``refined`` protocol (:func:`~lightning_modules.metrics.refine_codes`),
-            run by ``lightning validate``/``test`` (not inside a fit); 0 steps: no refined row.
+        optimizer, lr_scheduler: Lightning's ``OptimizerCallable`` / ``LRSchedulerCallable`` (None: Adam,
+            MultiStepLR; :meth:`~lightning_modules.stage.Stage.optimizer_and_schedule`).
+        refine_steps, refine_lr: the ``refined`` row (:meth:`~lightning_modules.stage.Stage.refine_setting`).
     """
 
     stage = "teacher"
     monitor = "teacher/tracked/val/full/psnr"
     monitor_mode = "max"
+    NETWORKS = {"teacher": "models.teacher.PointAvatarTeacher"}
+    LEGACY_ARGS = {name: ("teacher", name) for name in (
+        "max_points", "init_points", "min_points", "prune_threshold", "radius_factor", "geometry_width",
+        "geometry_depth", "deformer_width", "deformer_depth", "shading_width", "num_frequencies")}
 
     def __init__(
         self,
         expression_dim: int = 16,
         image_size: int = 128,
-        max_points: int = 102_400,
-        init_points: int = 400,
-        min_points: int = 100,
-        prune_threshold: float = 0.5,
-        radius_factor: float = 0.3,
-        geometry_width: int = 256,
-        geometry_depth: int = 9,
-        deformer_width: int = 128,
-        deformer_depth: int = 4,
-        shading_width: int = 64,
+        teacher: dict[str, Any] | None = None,
         points_per_pixel: int = 10,
         grow_every_epochs: int = 5,
         prune_every_epochs: int = 1,
@@ -131,7 +117,6 @@ class TeacherModule(Stage):
         use_var_expression: bool = True,
         use_mean_expression: bool = True,
         normalize_expression: bool = False,
-        num_frequencies: int = 6,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -141,40 +126,26 @@ class TeacherModule(Stage):
         if not codes_lr > 0:
             raise ValueError(f"codes_lr must be > 0, got {codes_lr}")
         self.loss_weights = merge_weights("loss weight(s)", loss_weights, DEFAULT_LOSS_WEIGHTS)
-        # saved in the checkpoint's `teacher` entry: what the later stages build it from (handoff.load_teacher)
-        self.teacher_init_args = dict(
-            expression_dim=expression_dim, max_points=max_points, init_points=init_points, min_points=min_points,
-            prune_threshold=prune_threshold, radius_factor=radius_factor, geometry_width=geometry_width,
-            geometry_depth=geometry_depth, deformer_width=deformer_width, deformer_depth=deformer_depth,
-            shading_width=shading_width, num_frequencies=num_frequencies,
-        )
-        self.teacher = PointAvatarTeacher(**self.teacher_init_args)
+        # its class path and init args go into the checkpoint's `teacher` entry (handoff.load_teacher)
+        self.teacher: PointAvatarTeacher = build_model(teacher, self.NETWORKS["teacher"],
+                                                       {"expression_dim": expression_dim}, PointAvatarTeacher, "teacher")
         # per-frame code corrections of the training frames: built in setup("fit") from the datamodule
         # (or from a checkpoint's shapes), None without code refinement
         self.codes: FrameCodeCorrections | None = None
         # var_e of the training codes (the blendshape prior's weights), set in setup("fit")
         self.register_buffer("expression_var", torch.ones(expression_dim))
         self.rasterizer = PointRasterizer(image_size, points_per_pixel=points_per_pixel, background=1.0)
-        if refine_steps < 0 or not refine_lr > 0:
-            raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, got {refine_steps} and {refine_lr}")
+        check_refine(refine_steps, refine_lr)
         self.metrics = HeldOutMetrics({"teacher": ("tracked", "refined"), "baseline_mean": ("tracked",),
                                        "baseline_nearest": ("tracked",)})
-        self.register_buffer("visibility", torch.zeros(max_points), persistent=False)
-        # the visibility of every rank's frames (all-reduced at each step, training_step): DDP need not
-        # broadcast it from rank 0 at every forward
-        self._ddp_params_and_buffers_to_ignore = ["visibility"]
-        self._visibility_batches = 0  # training batches accumulated into `visibility` this epoch
+        self.init_point_schedule(self.teacher.max_points)
 
     # -- rendering -------------------------------------------------------------------------------
     def render(
         self, batch, canonical: CanonicalOutput | None = None, extra: torch.Tensor | None = None
     ) -> tuple[dict, RasterOutput]:
         """Teacher forward + rasterization of RGB (and optional extra (B, N, C) channels) for a batch."""
-        out = self.teacher(batch.expression, batch.world_mat, canonical=canonical)
-        features = out["colors"] if extra is None else torch.cat([out["colors"], extra], -1)
-        radius = pixel_radius(out["points"], batch.world_mat, batch.K, out["radius"])
-        raster = self.rasterizer(out["points"], features, batch.world_mat, batch.K, radius=radius)
-        return out, raster
+        return point_rows.render(self.teacher, self.rasterizer, batch, canonical, extra)
 
     # -- training ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -223,11 +194,7 @@ class TeacherModule(Stage):
         check_finite_losses(terms, self.global_step)
         loss = sum(w[name] * value for name, value in terms.items())
         (point_weight,) = torch.autograd.grad(weight_image.sum(), ones, retain_graph=True)
-        visibility = torch.zeros_like(self.visibility).index_add_(0, out["indices"], point_weight.detach().sum((0, 2)))
-        # summed over the ranks at every step: every rank (and so every checkpoint, whichever rank
-        # wrote it) holds the visibility of all frames seen so far, and a resumed fit prunes on exactly it
-        self.visibility += self.trainer.strategy.reduce(visibility, reduce_op="sum")
-        self._visibility_batches += 1
+        self.accumulate_visibility(out["indices"], point_weight.detach().sum((0, 2)))
         self.log_dict({f"teacher/train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
         self.log("teacher/train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("num_points", float(self.teacher.num_active), prog_bar=True, batch_size=len(batch))
@@ -236,78 +203,24 @@ class TeacherModule(Stage):
     def on_train_epoch_end(self) -> None:
         if self.codes is not None:  # mean correction size over the training frames
             self.log_dict({f"teacher/codes/{k}": v for k, v in self.codes.magnitudes().items()})
-        epoch = self.current_epoch + 1
-        # an epoch cut short (max_steps) has not seen every frame: no schedule step on it
-        if self._visibility_batches < self.trainer.num_training_batches:
-            return
-        self._visibility_batches = 0
-        optimizer = self.optimizers().optimizer
-        if float(self.teacher.radius) < self.hparams.prune_min_radius:
-            self.visibility.zero_()  # PointAvatar stops pruning once the points are this small
-        elif epoch % self.hparams.prune_every_epochs == 0:  # `visibility` is already the sum over ranks
-            self.teacher.reset_optimizer_rows(optimizer, self.teacher.prune(self.visibility.clone()))
-            self.visibility.zero_()
-        if epoch % self.hparams.grow_every_epochs == 0:
-            generator = torch.Generator(device="cpu").manual_seed(1_000_003 * epoch)  # same noise on every rank
-            self.teacher.reset_optimizer_rows(optimizer, self.teacher.grow(generator))
+        self.step_point_schedule()
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _render_codes(self, expression, world_mat, extra, batch, canonical: CanonicalOutput) -> torch.Tensor:
-        """The teacher's render (B, 3, H, W) of ``batch``'s frames posed by ``expression`` and ``world_mat``
-        (:func:`~lightning_modules.metrics.refine_codes`' ``render``; ``extra`` unused)."""
-        out = self.teacher(expression, world_mat, canonical=canonical)
-        radius = pixel_radius(out["points"], world_mat, batch.K, out["radius"])
-        return self.rasterizer(out["points"], out["colors"], world_mat, batch.K, radius=radius).image[:, :3]
-
-    def _refined_render(self, batch, canonical) -> torch.Tensor:
-        """The ``refined`` protocol's render of ``batch`` (codes refined against its frames, teacher frozen)."""
-        hp = self.hparams
-        return refined_render(self._render_codes, batch, hp.refine_steps, hp.refine_lr, inputs=(canonical,))
-
-    def _refine(self) -> bool:
-        """The refined row runs in ``lightning validate``/``test`` only: never inside a fit (selection)."""
-        return self.hparams.refine_steps > 0 and self.outside_fit
-
     def _canonical(self) -> CanonicalOutput:
         """The canonical outputs, once per evaluation epoch."""
         return self.cached("canonical", lambda: self.teacher.canonical(method="explicit"))
 
     def eval_renders(self, batch) -> dict[str, Row]:
-        canonical = self._canonical()
-        _, raster = self.render(batch, canonical=canonical)
-        renders = {"teacher": ("teacher", "tracked", raster.image[:, :3])}
-        if self._refine():
-            renders["teacher_refined"] = ("teacher", "refined", self._refined_render(batch, canonical))
-        return renders
+        return point_rows.rows("teacher", self.teacher, self.rasterizer, batch, self._canonical(), self.refine_setting())
 
     def frame_costs(self, batch) -> dict[str, float]:
-        """``ms_per_frame/teacher/{tracked,refined}`` (and ``flops_per_frame/teacher/refined``: the
-        refinement's forward and backward passes, :func:`~lightning_modules.metrics.multiply_adds`): one
-        frame's per-frame path, canonical outputs cached."""
-        canonical = self._canonical()
-        costs = {"ms_per_frame/teacher/tracked": time_per_frame(lambda: self.render(batch, canonical))}
-        if self._refine():
-            def refined():
-                return self._refined_render(batch, canonical)
+        """:func:`~lightning_modules.point_rows.frame_costs` of the teacher's rows."""
+        return point_rows.frame_costs("teacher", self.teacher, self.rasterizer, batch, self._canonical(), self.refine_setting())
 
-            costs["ms_per_frame/teacher/refined"] = time_per_frame(refined, repeats=1)
-            costs["flops_per_frame/teacher/refined"] = multiply_adds(refined)
-        return costs
-
-    @torch.no_grad()
     def visualize(self, batch) -> dict[str, torch.Tensor]:
         """Columns for the render grid: ground truth | render | normals | rendered alpha, (B, 3, H, W)."""
-        out = self.teacher(batch.expression, batch.world_mat, canonical=self._canonical())
-        normals_rgb = out["normals_cam"] * 0.5 + 0.5
-        features = torch.cat([out["colors"], normals_rgb], -1)
-        radius = pixel_radius(out["points"], batch.world_mat, batch.K, out["radius"])
-        raster = self.rasterizer(out["points"], features, batch.world_mat, batch.K, radius=radius)
-        return {
-            "ground_truth": composite_on_white(batch.image, batch.mask),
-            "render": raster.image[:, :3],
-            "normals": raster.image[:, 3:6],
-            "alpha": raster.alpha.expand(-1, 3, -1, -1),
-        }
+        return {"ground_truth": composite_on_white(batch.image, batch.mask),
+                **point_rows.grid(self.teacher, self.rasterizer, batch, self._canonical())}
 
     def counts(self) -> dict[str, int]:
         return {
@@ -328,11 +241,9 @@ class TeacherModule(Stage):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_points"] = self.teacher.num_active
-        checkpoint["model_class"] = class_path_of(self.teacher)
-        checkpoint["teacher"] = {"class_path": class_path_of(self.teacher), "init_args": dict(self.teacher_init_args)}
-        # the epoch's visibility so far (the sum over ranks), so a fit resumed mid-epoch prunes on all
-        # of it (exact resume, also under DDP: every rank loads the same sum)
-        checkpoint["visibility"] = {"sum": self.visibility.detach().cpu().clone(), "batches": self._visibility_batches}
+        checkpoint["model_class"] = self.teacher.spec["class_path"]
+        checkpoint["teacher"] = network_entry(self.teacher)
+        self.save_point_schedule(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict", {})
@@ -341,11 +252,8 @@ class TeacherModule(Stage):
         teacher_state_defaults(state, self.teacher, prefix="teacher.")
         if self.codes is None:  # the code table's size comes from the checkpoint (no datamodule needed)
             self.codes = FrameCodeCorrections.from_state_dict(state, "codes.")
-        saved = checkpoint.get("visibility")
-        if saved is not None:
-            self.visibility.copy_(saved["sum"].to(self.visibility))
-            self._visibility_batches = int(saved["batches"])
+        self.load_point_schedule(checkpoint)
 
     def extra_repr(self) -> str:
-        return f"points={self.teacher.num_active}/{self.hparams.max_points}, radius={float(self.teacher.radius):.4g}"
+        return f"points={self.teacher.num_active}/{self.teacher.max_points}, radius={float(self.teacher.radius):.4g}"
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.ops import gather
 
@@ -184,6 +185,8 @@ __all__ += [
     "graph_distillation_loss",
     "normal_distillation_loss",
     "output_distillation_loss",
+    "ground_truth_loss",
+    "per_point_distillation_losses",
     "rendered_image_distillation_loss",
     "sample_anchors",
 ]
@@ -567,3 +570,61 @@ def distillation_loss(terms: Mapping[str, torch.Tensor], weights: Mapping[str, f
     if total is None:
         raise ValueError("distillation_loss: every weight is 0; give at least one term a positive weight")
     return total
+
+
+def ground_truth_loss(
+    rgb: torch.Tensor, alpha: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, weights: Mapping[str, float],
+) -> dict[str, torch.Tensor]:
+    """L_gt of the distillation: w_rgb L1(render, frame on white) + w_mask L1(alpha, mask) + w_ssim (1 - SSIM).
+
+    Args:
+        rgb: (B, 3, H, W) the render on white; alpha: (B, 1, H, W) its coverage.
+        image: (B, 3, H, W) the frames; mask: (B, 1, H, W) their head masks, both in [0, 1].
+        weights: {rgb, mask, ssim}; an SSIM weight of 0 skips its computation.
+
+    Returns:
+        ``rgb``, ``mask``, (``ssim``) and their weighted sum ``total``: scalars.
+    """
+    target = image * mask + (1.0 - mask)  # the frame on white under its mask
+    terms = {"rgb": masked_l1(rgb, target), "mask": mask_loss(alpha, mask)}
+    if weights["ssim"] > 0:
+        terms["ssim"] = ssim_loss(rgb, target)
+    terms["total"] = sum(weights[k] * v for k, v in terms.items())
+    return terms
+
+
+def per_point_distillation_losses(
+    student, teacher, student_shading: nn.Module, teacher_shading: nn.Module, normals: torch.Tensor,
+    adapted_feature: torch.Tensor | None = None, outputs: bool = True, deformation_weight: float = 100.0,
+) -> dict[str, torch.Tensor]:
+    """The distillation warm-up's per-point objective: the student fits the teacher's per-point outputs,
+    no rendering (our addition to the paper's schedule; :mod:`lightning_modules.distill`).
+
+    Args:
+        student, teacher: canonical outputs (``albedo`` (N, 3), ``normals`` (N, 3), ``blendshapes``
+            (N, E, 3), ``offset`` (N, 3), teacher ``feature`` (N, C_t)) on the same N points.
+        student_shading, teacher_shading: the shading MLPs (..., 3) -> (..., 3), compared on ``normals``.
+        normals: (M, 3) unit camera-space normals.
+        adapted_feature: A(f_s) (N, C_t), for the L_feat term; None: no such term.
+        outputs: with the L_out terms (albedo L1, normal 1 - cos, blendshape/offset MSE, and the L1
+            between the two shading networks on ``normals``; the teacher's without gradient).
+        deformation_weight: the weight of the blendshape/offset term in the total.
+
+    Returns:
+        ``albedo``, ``normal``, ``deformation``, ``shading`` (with ``outputs``), ``feat`` (with
+        ``adapted_feature``) and ``total`` (their sum, every weight 1 but ``deformation``'s): scalars.
+        Neither kind of term: ``total`` is the integer 0.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if outputs:
+        terms["albedo"] = albedo_distillation_loss(student.albedo, teacher.albedo)
+        terms["normal"] = normal_distillation_loss(student.normals, teacher.normals)
+        terms["deformation"] = deformation_distillation_loss(student.blendshapes, teacher.blendshapes,
+                                                             student.offset, teacher.offset)
+        with torch.no_grad():
+            target = teacher_shading(normals)
+        terms["shading"] = (student_shading(normals) - target).abs().mean()
+    if adapted_feature is not None:
+        terms["feat"] = feature_distillation_loss(adapted_feature, teacher.feature)
+    terms["total"] = sum((deformation_weight if k == "deformation" else 1.0) * v for k, v in terms.items())
+    return terms

@@ -33,6 +33,14 @@ Only the alpha of the kept fragments (step 5's inputs) is recorded by autograd; 
 (steps 1-3) is integer work without gradient, and steps 4-5 are one ``autograd.Function`` with a
 hand-written backward (:class:`_Composite`; first-order gradients only).
 
+One core (:func:`_rasterize`) serves training and ONNX export: ``rasterize_points(...,
+exportable=True)`` (alias :func:`rasterize_points_exportable`) switches only the parts ONNX
+cannot take (a host read of the largest radius, ``unique_consecutive``, ``cumprod``, a stable
+sort, the custom autograd function) for equivalents: a tensor window side, a depth-bin histogram
+that pre-selects the fragments plus count/cumsum slots in step 3, an unrolled float64 product
+and a padded front-to-back sum in steps 4-5, and TopK sorts under ``torch.onnx.export``. In
+eager mode on CPU the two are bit-equal (details in :func:`rasterize_points`).
+
 Layouts (padded vs packed): inputs are padded per camera, (B, N, ...) or shared (N, ...); the
 fragments are packed (F, ...) over all cameras, sorted by pixel then depth; the compositing
 buffer is padded (points_per_pixel, B * H * W); outputs are (B, C, H, W).
@@ -223,6 +231,8 @@ def rasterize_points(
     background: float | Sequence[float] | Tensor = 1.0,
     near: float = 1e-3,
     valid: Tensor | None = None,
+    *,
+    exportable: bool = False,
 ) -> RasterOutput:
     """Alpha-composite point disks into B camera images (functional form of :class:`PointRasterizer`).
 
@@ -234,6 +244,32 @@ def rasterize_points(
     (geometry in >= float32). Cost: O(N log N + F log F) time for F (point, pixel) fragments,
     O(N * ceil(2 r_max)^2 + points_per_pixel * B * H * W) memory, so one huge radius makes every
     point's search window large; a float radius also avoids a host sync for the window size.
+
+    ``exportable=True`` (also :func:`rasterize_points_exportable`) selects the ONNX-friendly
+    variant of the same core, for ``torch.onnx.export(..., dynamo=False)``; the normal path reads
+    the largest radius on the host and uses operators ONNX lacks (``unique_consecutive``,
+    ``cumprod``, a stable sort). Only these parts are switched:
+
+    * the window side ``ceil(2 * max radius)`` stays a tensor (a dynamic ``arange`` in the graph);
+    * before the sort by pixel, fragments that cannot be among the ``points_per_pixel`` nearest
+      of their pixel are dropped: a histogram per (pixel, one of 64 bins of depth rank) finds the
+      bin where each pixel's count reaches ``points_per_pixel``, and later bins go (exact, since
+      the bins follow depth order; it leaves the sort about ``points_per_pixel`` fragments per
+      pixel instead of every covering one, which matters where ONNX sorts slowly);
+    * each fragment's slot in its pixel comes from per-pixel counts and their cumulative sum
+      (``scatter_add``, ``cumsum``) instead of ``unique_consecutive``;
+    * compositing runs in the padded (points_per_pixel, pixels) layout: the transmittance is an
+      unrolled product over the slots, accumulated in float64 as CPU ``cumprod`` does, and every
+      slot's (channels, depth) are summed front to back, the order in which ``index_add_`` sums;
+    * under ``torch.onnx.export`` the stable sorts are written as ``topk`` of the whole tensor
+      (ONNX TopK, whose ties keep the lower index first: a stable sort);
+    * no custom autograd function: gradients flow by plain autograd (slower; meant for inference).
+
+    In eager mode on CPU both settings give bit-equal results (tested); exported, equal to float
+    round-off. The exporter records the sizes that depend on the data (points in view,
+    fragments) as dynamic ONNX shapes and the input checks that read tensor values with their
+    outcome. Extra cost of ``exportable``: O(points_per_pixel * B * H * W * (C + 1)) memory for
+    the padded compositing and O(64 * B * H * W) for the histogram.
 
     Args:
         points: (N, 3) shared or (B, N, 3) per-camera (deformed) float points, world space.
@@ -249,6 +285,7 @@ def rasterize_points(
         near: points with camera z <= near are dropped (default 1e-3, same units as world_mat).
         valid: optional (N,) or (B, N) bool mask; False points are skipped (they contribute
             nothing and receive zero gradient), e.g. the inactive slots of the teacher's buffer.
+        exportable: use the ONNX-exportable variant (above); default False (training).
 
     Returns:
         :class:`RasterOutput` with image (B, C, H, W), alpha (B, 1, H, W), depth (B, 1, H, W), in
@@ -263,10 +300,42 @@ def rasterize_points(
         inp = _check_inputs(
             points, features, world_mat, K, image_size, radius, points_per_pixel, background, near, valid
         )
-        return _rasterize(inp, points_per_pixel, near)
+        return _rasterize(inp, points_per_pixel, near, exportable)
 
 
-def _rasterize(inp: _Inputs, kpp: int, near: float) -> RasterOutput:
+def rasterize_points_exportable(
+    points: Tensor,
+    features: Tensor,
+    world_mat: Tensor,
+    K: Tensor,
+    image_size: int | Sequence[int],
+    radius: float | Tensor,
+    points_per_pixel: int = 10,
+    background: float | Sequence[float] | Tensor = 1.0,
+    near: float = 1e-3,
+    valid: Tensor | None = None,
+) -> RasterOutput:
+    """:func:`rasterize_points` with ``exportable=True`` (ONNX export): same arguments, result and errors."""
+    return rasterize_points(
+        points, features, world_mat, K, image_size, radius, points_per_pixel, background, near, valid,
+        exportable=True,
+    )
+
+
+_DEPTH_BINS = 64  # depth-rank bins of the exportable path's fragment pre-selection
+
+
+def _stable_sort(x: Tensor, exportable: bool) -> tuple[Tensor, Tensor]:
+    """Values and indices of a stable ascending sort of a 1-D tensor; ONNX TopK (stable by its spec)
+    in the exportable path's ONNX export."""
+    if exportable and torch.onnx.is_in_onnx_export():
+        return torch.topk(x, x.shape[0], largest=False, sorted=True)
+    return torch.sort(x, stable=True)
+
+
+def _rasterize(inp: _Inputs, kpp: int, near: float, exportable: bool) -> RasterOutput:
+    """Steps 1-5 of the module docstring; ``exportable`` switches to the ONNX-friendly parts
+    listed in :func:`rasterize_points` (bit-equal in eager mode on CPU)."""
     B, N, H, W = inp.batch, inp.num_points, inp.height, inp.width
     P = B * H * W  # pixels of all cameras
     dtype, device = inp.features.dtype, inp.features.device
@@ -277,28 +346,34 @@ def _rasterize(inp: _Inputs, kpp: int, near: float) -> RasterOutput:
     with torch.no_grad():
         flat_m = keep.view(-1).nonzero().squeeze(1)  # (M,) kept points, index into (B * N)
         z_key = z.detach().reshape(B * N).index_select(0, flat_m)  # (M,) all > near > 0
-        if z_key.device.type == "cpu" and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if not exportable and z_key.device.type == "cpu" and not (
+            torch.jit.is_tracing() or torch.compiler.is_compiling()
+        ):
             # positive floats sort like their bit patterns read as integers, and integer sorts
-            # are several times faster than float sorts on CPU (graph capture keeps the float sort)
+            # are several times faster than float sorts on CPU (graph capture and the exportable
+            # path keep the float sort)
             z_key = z_key.view(torch.int32 if z_key.dtype == torch.float32 else torch.int64)
         # order by camera, then depth (ties by index): two stable 1-D sorts (a 1-D sort is
         # several times faster than a row-wise sort of a (B, N) tensor on CPU)
-        flat_m = flat_m.index_select(0, torch.argsort(z_key, stable=True))
+        flat_m = flat_m.index_select(0, _stable_sort(z_key, exportable)[1])
         cam_idx = torch.div(flat_m, N, rounding_mode="floor")  # (M,)
         if B > 1:
-            by_cam = torch.argsort(cam_idx, stable=True)
+            by_cam = _stable_sort(cam_idx, exportable)[1]
             flat_m, cam_idx = flat_m.index_select(0, by_cam), cam_idx.index_select(0, by_cam)
         uv_m = uv.detach().reshape(B * N, 2).index_select(0, flat_m)  # (M, 2)
-        if isinstance(inp.radius, Tensor):
-            r_m = inp.radius.detach().reshape(B * N).index_select(0, flat_m)  # (M,)
-            r_max = float(r_m.max()) if r_m.numel() else 0.0
-        else:
+        side: int | Tensor  # bounding square of every disk, in pixels
+        if not isinstance(inp.radius, Tensor):
             r_m = torch.full_like(uv_m[:, 0], inp.radius)
-            r_max = inp.radius
-        side = max(1, math.ceil(2 * r_max))  # bounding square of every disk, in pixels
+            side = max(1, math.ceil(2 * inp.radius))
+        else:
+            r_m = inp.radius.detach().reshape(B * N).index_select(0, flat_m)  # (M,)
+            if exportable:  # a () tensor, no host read; 0 without points
+                side = torch.ceil(2 * torch.cat([r_m, r_m.new_zeros(1)]).max()).long().clamp_min(1)
+            else:
+                side = max(1, math.ceil(2 * (float(r_m.max()) if r_m.numel() else 0.0)))
         # first pixel whose centre can be inside the disk: smallest x with x + 0.5 > u - r
         start = torch.floor(uv_m - r_m[:, None] - 0.5).long() + 1  # (M, 2)
-        offs = torch.arange(side, device=device)
+        offs = torch.arange(side, device=device)  # (S,)
         px = start[:, 0, None] + offs  # (M, S) column indices of the window
         py = start[:, 1, None] + offs  # (M, S) row indices
         dx = (px.to(dtype) + 0.5 - uv_m[:, 0, None]).masked_fill_((px < 0) | (px >= W), math.inf)
@@ -306,43 +381,67 @@ def _rasterize(inp: _Inputs, kpp: int, near: float) -> RasterOutput:
         d2_win = dx.square()[:, None, :] + dy.square()[:, :, None]  # (M, S, S) rows, columns
         inside = d2_win < r_m.square()[:, None, None]  # (M, S, S)
         cand = inside.view(-1).nonzero().squeeze(1)  # (F,) candidate ids, in (camera, depth) order
-        key_dtype = torch.int32 if P < 2**31 else torch.int64  # sorting int32 is about twice as fast
+        # sorting int32 is about twice as fast; the exportable path keeps int64 (scatter indices)
+        key_dtype = torch.int32 if not exportable and P < 2**31 else torch.int64
         base = ((cam_idx * H + start[:, 1]) * W + start[:, 0]).to(key_dtype)  # (M,) window corner
         win = (offs[:, None] * W + offs).to(key_dtype)  # (S, S) pixel offsets inside the window
         pix = (base[:, None, None] + win).view(-1).index_select(0, cand)  # (F,) global pixel id
-        pix, perm = torch.sort(pix, stable=True)  # group per pixel, depth order kept inside
-        # runs of equal pixel ids; the first points_per_pixel fragments of each run are kept
-        run_pix, run_len = torch.unique_consecutive(pix, return_counts=True)  # (R,) each
-        run_start = torch.cumsum(run_len, 0) - run_len  # (R,) position of each run in the sort
-        slot_ids = torch.arange(kpp, device=device)
-        run, slot = (slot_ids < run_len[:, None]).nonzero(as_tuple=True)  # (F,) kept, sorted order
-        kept = run_start.index_select(0, run) + slot  # (F,) position in the sorted fragments
-        pix = run_pix.index_select(0, run).long()  # (F,) from here on: kept fragments only
+        if exportable:
+            # Drop, before sorting, fragments that cannot be among the first kpp of their pixel:
+            # count the fragments per (pixel, bin of depth ranks); those in bins after the one
+            # where a pixel's count reaches kpp go. Bins follow depth order, so the nearer
+            # fragments of every survivor survive too and the slots below are unchanged.
+            bin_size = side * side * max(1, math.ceil(B * N / _DEPTH_BINS))  # candidate ids per bin
+            bins = torch.div(cand, bin_size, rounding_mode="floor")  # (F,)
+            hist = torch.zeros(P * _DEPTH_BINS, dtype=pix.dtype, device=device)
+            hist = hist.scatter_add(0, pix * _DEPTH_BINS + bins, torch.ones_like(pix)).view(P, _DEPTH_BINS)
+            last_bin = (hist.cumsum(1) < kpp).sum(1)  # (P,) first bin where the count reaches kpp
+            sure = (bins <= last_bin.index_select(0, pix)).nonzero().squeeze(1)
+            cand, pix = cand.index_select(0, sure), pix.index_select(0, sure)
+        pix, perm = _stable_sort(pix, exportable)  # group per pixel, depth order kept inside
+        if exportable:
+            # slot = position in the sorted list - first position of the fragment's pixel
+            count = torch.zeros(P, dtype=pix.dtype, device=device).scatter_add(0, pix, torch.ones_like(pix))
+            first = torch.cumsum(count, 0) - count  # (P,)
+            slot = torch.ones_like(pix).cumsum(0) - 1 - first.index_select(0, pix)  # (F,)
+            kept = (slot < kpp).nonzero().squeeze(1)  # (F',) position in the sorted fragments
+            slot, pix = slot.index_select(0, kept), pix.index_select(0, kept)
+        else:
+            # runs of equal pixel ids; the first points_per_pixel fragments of each run are kept
+            run_pix, run_len = torch.unique_consecutive(pix, return_counts=True)  # (R,) each
+            run_start = torch.cumsum(run_len, 0) - run_len  # (R,) position of each run in the sort
+            slot_ids = torch.arange(kpp, device=device)
+            run, slot = (slot_ids < run_len[:, None]).nonzero(as_tuple=True)  # (F',) sorted order
+            kept = run_start.index_select(0, run) + slot  # (F',) position in the sorted fragments
+            pix = run_pix.index_select(0, run).long()
+        # from here on: kept fragments only, (F',) each
         frag_m = torch.div(
             cand.index_select(0, perm.index_select(0, kept)), side * side, rounding_mode="floor"
         )
-        g = flat_m.index_select(0, frag_m)  # (F,) index of each fragment's point in (B * N)
+        g = flat_m.index_select(0, frag_m)  # index of each fragment's point in (B * N)
         hw = pix % (H * W)
         row = torch.div(hw, W, rounding_mode="floor")
-        cx = (hw - row * W).to(dtype) + 0.5  # (F,) pixel centre
+        cx = (hw - row * W).to(dtype) + 0.5  # pixel centre
         cy = row.to(dtype) + 0.5
 
     # ---- 4-5: alpha of the kept fragments (differentiable), compositing ---------------------
     uv_t = uv.reshape(B * N, 2).t().contiguous()  # (2, B * N)
-    d2 = (uv_t[0].index_select(0, g) - cx).square() + (uv_t[1].index_select(0, g) - cy).square()  # (F,)
+    d2 = (uv_t[0].index_select(0, g) - cx).square() + (uv_t[1].index_select(0, g) - cy).square()  # (F',)
     if isinstance(inp.radius, Tensor):
         alpha = 1 - d2 / inp.radius.reshape(B * N).index_select(0, g).square()
     else:
         alpha = 1 - d2 / inp.radius**2
-    alpha = alpha.clamp(0, 1)  # (F,) already in (0, 1] by selection; guards round-off
+    alpha = alpha.clamp(0, 1)  # (F',) already in (0, 1] by selection; guards round-off
     if inp.features.dim() == 2:
         feat = inp.features.t()[:, None, :].expand(C, B, N).reshape(C, B * N)  # (C, B * N)
     else:
         feat = inp.features.reshape(B * N, C).t()  # (C, B * N)
     table = torch.cat([feat, z.reshape(1, B * N)], dim=0)  # (C + 1, B * N) channels and depth
-    vals = table.index_select(1, g)  # (C + 1, F)
-    lin = slot * P + pix  # (F,) index into the padded (points_per_pixel, P) buffer
-    if torch.is_grad_enabled() and (alpha.requires_grad or vals.requires_grad):
+    vals = table.index_select(1, g)  # (C + 1, F')
+    lin = slot * P + pix  # (F',) index into the padded (points_per_pixel, P) buffer
+    if exportable:
+        acc, rest = _composite_unrolled(alpha, vals, lin, P, kpp)
+    elif torch.is_grad_enabled() and (alpha.requires_grad or vals.requires_grad):
         acc, rest = _Composite.apply(alpha, vals, lin, pix, P, kpp)
     else:
         acc, rest = _composite(alpha, vals, lin, pix, P, kpp)[:2]
@@ -381,10 +480,10 @@ def _composite(
 
 class _Composite(torch.autograd.Function):
     """Autograd of :func:`_composite` with a hand-written backward (its backward takes about 2/3
-    of the time of autograd through cumprod and the scatters). For a pixel with loss L = sum_i alpha_i T_i s_i + T_K g_rest
-    (s_i = <dL/dacc, vals_i>), dL/dalpha_k = T_k (s_k - R_k), where R_k, the value of what lies
-    behind slot k, follows R_{K-1} = g_rest, R_k = alpha_{k+1} s_{k+1} + (1 - alpha_{k+1}) R_{k+1}
-    (a recursion, so alpha = 1 needs no division)."""
+    of the time of autograd through cumprod and the scatters). For a pixel with loss
+    L = sum_i alpha_i T_i s_i + T_K g_rest (s_i = <dL/dacc, vals_i>), dL/dalpha_k = T_k (s_k - R_k),
+    where R_k, the value of what lies behind slot k, follows R_{K-1} = g_rest,
+    R_k = alpha_{k+1} s_{k+1} + (1 - alpha_{k+1}) R_{k+1} (a recursion, so alpha = 1 needs no division)."""
 
     @staticmethod
     def forward(ctx, alpha, vals, lin, pix, num_pixels, kpp):  # noqa: D102
@@ -413,172 +512,29 @@ class _Composite(torch.autograd.Function):
         return grad_alpha, grad_vals, None, None, None, None
 
 
-def rasterize_points_exportable(
-    points: Tensor,
-    features: Tensor,
-    world_mat: Tensor,
-    K: Tensor,
-    image_size: int | Sequence[int],
-    radius: float | Tensor,
-    points_per_pixel: int = 10,
-    background: float | Sequence[float] | Tensor = 1.0,
-    near: float = 1e-3,
-    valid: Tensor | None = None,
-) -> RasterOutput:
-    """Export-friendly form of :func:`rasterize_points` (ONNX export): same rule, same result.
+def _composite_unrolled(
+    alpha: Tensor, vals: Tensor, lin: Tensor, num_pixels: int, kpp: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_composite` (acc (D, P), rest (P,)) in ONNX operators, bit-equal in eager mode on CPU.
 
-    The normal path reads the largest radius on the host (it sets the search window) and uses
-    operators ONNX lacks (``unique_consecutive``, ``cumprod``, a stable sort). Here:
-
-    * the window side ``ceil(2 * max radius)`` stays a tensor (a dynamic ``arange`` in the graph);
-    * before the sort by pixel, fragments that cannot be among the ``points_per_pixel`` nearest
-      of their pixel are dropped: a histogram per (pixel, one of 64 bins of depth rank) finds the bin
-      where each pixel's count reaches ``points_per_pixel``, and later bins go (exact, since
-      the bins follow depth order; it leaves the sort about ``points_per_pixel`` fragments per
-      pixel instead of every covering one, which matters where ONNX sorts slowly);
-    * each fragment's slot in its pixel comes from per-pixel counts and their cumulative sum
-      (``scatter_add``, ``cumsum``) instead of ``unique_consecutive``;
-    * compositing runs in the padded (points_per_pixel, pixels) layout: the transmittance is an
-      unrolled product over the slots, accumulated in float64 as CPU ``cumprod`` does, and
-      every slot's point row (channels, depth) is gathered and summed front to back, the order
-      in which ``index_add_`` sums them;
-    * under ``torch.onnx.export`` the stable sorts are written as ``topk`` of the whole tensor
-      (ONNX TopK, whose ties keep the lower index first: a stable sort); otherwise they are the
-      stable sorts of the normal path;
-    * no custom autograd function: gradients flow by plain autograd (slower; meant for inference).
-
-    In eager mode on CPU the result is bit-equal to :func:`rasterize_points` (tested); exported,
-    to float round-off. Made for the legacy (TorchScript) exporter, ``torch.onnx.export(...,
-    dynamo=False)``, which records the sizes that depend on the data (points in view,
-    fragments) as dynamic ONNX shapes; the input checks that read tensor values are recorded
-    with their outcome. Cost: as :func:`rasterize_points` plus O(points_per_pixel * B * H * W * C)
-    for the padded compositing and O(64 * B * H * W) for the histogram.
-
-    Args:
-        points, features, world_mat, K, image_size, radius, points_per_pixel, background, near,
-            valid: as :func:`rasterize_points`.
-
-    Returns:
-        :class:`RasterOutput` as :func:`rasterize_points`.
-
-    Raises:
-        ValueError: as :func:`rasterize_points`.
+    Alphas and values are scattered into padded (kpp, P) and (D, kpp, P) buffers (zeros on empty
+    slots); the transmittance is the cumulative product written out, accumulated in float64 as
+    CPU ``cumprod`` does, and the slots are summed front to back, the order of ``index_add_``.
     """
-    with torch.autocast(device_type=points.device.type, enabled=False):
-        inp = _check_inputs(
-            points, features, world_mat, K, image_size, radius, points_per_pixel, background, near, valid
-        )
-        return _rasterize_exportable(inp, points_per_pixel, near)
-
-
-_DEPTH_BINS = 64  # depth-rank bins of the export path's fragment pre-selection
-
-
-def _stable_argsort(x: Tensor) -> Tensor:
-    """Indices of a stable ascending sort of a 1-D tensor; ONNX TopK (stable by its spec) in export."""
-    if torch.onnx.is_in_onnx_export():
-        return torch.topk(x, x.shape[0], largest=False, sorted=True).indices
-    return torch.argsort(x, stable=True)
-
-
-def _rasterize_exportable(inp: _Inputs, kpp: int, near: float) -> RasterOutput:
-    """Steps 1-5 of the module docstring without host reads (see :func:`rasterize_points_exportable`)."""
-    B, N, H, W = inp.batch, inp.num_points, inp.height, inp.width
-    P = B * H * W  # pixels of all cameras
-    dtype, device = inp.features.dtype, inp.features.device
-    C = inp.features.shape[-1]
-    z, uv, keep = _project(inp, near)  # (B, N), (B, N, 2), (B, N)
-
-    with torch.no_grad():
-        flat_m = keep.view(-1).nonzero().squeeze(1)  # (M,) kept points, index into (B * N)
-        z_key = z.detach().reshape(B * N).index_select(0, flat_m)  # (M,)
-        flat_m = flat_m.index_select(0, _stable_argsort(z_key))  # depth order, ties by index
-        cam_idx = torch.div(flat_m, N, rounding_mode="floor")  # (M,)
-        if B > 1:
-            by_cam = _stable_argsort(cam_idx)
-            flat_m, cam_idx = flat_m.index_select(0, by_cam), cam_idx.index_select(0, by_cam)
-        uv_m = uv.detach().reshape(B * N, 2).index_select(0, flat_m)  # (M, 2)
-        if isinstance(inp.radius, Tensor):
-            r_m = inp.radius.detach().reshape(B * N).index_select(0, flat_m)  # (M,)
-            r_max = torch.cat([r_m, r_m.new_zeros(1)]).max()  # () 0 without points
-            side = torch.ceil(2 * r_max).long().clamp_min(1)  # () window side, a tensor
-        else:
-            r_m = torch.full_like(uv_m[:, 0], inp.radius)
-            side = max(1, math.ceil(2 * inp.radius))
-        start = torch.floor(uv_m - r_m[:, None] - 0.5).long() + 1  # (M, 2) first pixel of the window
-        offs = torch.arange(side, device=device)  # (S,)
-        px = start[:, 0, None] + offs  # (M, S)
-        py = start[:, 1, None] + offs  # (M, S)
-        dx = (px.to(dtype) + 0.5 - uv_m[:, 0, None]).masked_fill((px < 0) | (px >= W), math.inf)
-        dy = (py.to(dtype) + 0.5 - uv_m[:, 1, None]).masked_fill((py < 0) | (py >= H), math.inf)
-        d2_win = dx.square()[:, None, :] + dy.square()[:, :, None]  # (M, S, S) rows, columns
-        inside = d2_win < r_m.square()[:, None, None]  # (M, S, S)
-        cand = inside.view(-1).nonzero().squeeze(1)  # (F,) candidates, in (camera, depth) order
-        base = (cam_idx * H + start[:, 1]) * W + start[:, 0]  # (M,) window corner, int64
-        win = offs[:, None] * W + offs  # (S, S)
-        pix = (base[:, None, None] + win).view(-1).index_select(0, cand)  # (F,) global pixel id
-        # Drop, before sorting, fragments that cannot be among the first kpp of their pixel: count
-        # the fragments per (pixel, bin of depth ranks); those in bins after the one where a
-        # pixel's count reaches kpp go. Bins follow depth order, so the nearer fragments of every
-        # survivor survive too and the slots below are unchanged; the sort gets ~kpp per pixel.
-        bins = torch.div(cand, side * side * max(1, math.ceil(B * N / _DEPTH_BINS)), rounding_mode="floor")  # (F,)
-        hist = torch.zeros(P * _DEPTH_BINS, dtype=pix.dtype, device=device)
-        hist = hist.scatter_add(0, pix * _DEPTH_BINS + bins, torch.ones_like(pix)).view(P, _DEPTH_BINS)
-        last_bin = (hist.cumsum(1) < kpp).sum(1)  # (P,) first bin where the count reaches kpp (or _DEPTH_BINS)
-        sure = (bins <= last_bin.index_select(0, pix)).nonzero().squeeze(1)
-        cand, pix = cand.index_select(0, sure), pix.index_select(0, sure)
-        order = _stable_argsort(pix)  # group per pixel, depth order kept inside
-        pix = pix.index_select(0, order)
-        # slot = position in the sorted list - first position of the fragment's pixel
-        count = torch.zeros(P, dtype=pix.dtype, device=device).scatter_add(0, pix, torch.ones_like(pix))  # (P,)
-        first = torch.cumsum(count, 0) - count  # (P,)
-        slot = torch.ones_like(pix).cumsum(0) - 1 - first.index_select(0, pix)  # (F,)
-        kept = (slot < kpp).nonzero().squeeze(1)  # (F',) in sorted order
-        slot, pix = slot.index_select(0, kept), pix.index_select(0, kept)
-        frag_m = torch.div(cand.index_select(0, order.index_select(0, kept)), side * side, rounding_mode="floor")
-        g = flat_m.index_select(0, frag_m)  # (F',) index of each fragment's point in (B * N)
-        hw = pix % (H * W)
-        row = torch.div(hw, W, rounding_mode="floor")
-        cx = (hw - row * W).to(dtype) + 0.5  # (F',) pixel centre
-        cy = row.to(dtype) + 0.5
-
-    uv_t = uv.reshape(B * N, 2).t().contiguous()  # (2, B * N)
-    d2 = (uv_t[0].index_select(0, g) - cx).square() + (uv_t[1].index_select(0, g) - cy).square()  # (F',)
-    if isinstance(inp.radius, Tensor):
-        alpha = 1 - d2 / inp.radius.reshape(B * N).index_select(0, g).square()
-    else:
-        alpha = 1 - d2 / inp.radius**2
-    alpha = alpha.clamp(0, 1)
-    # compositing in the padded (points_per_pixel, P) layout: each kept fragment owns one slot
-    lin = slot * P + pix  # (F',)
-    a_buf = alpha.new_zeros(kpp * P).scatter(0, lin, alpha).view(kpp, P)
-    # transmittance after each slot: cumprod written out, accumulated in float64 as CPU cumprod does
+    D = vals.shape[0]
+    a_buf = alpha.new_zeros(kpp * num_pixels).scatter(0, lin, alpha).view(kpp, num_pixels)
+    v_buf = vals.new_zeros(D, kpp * num_pixels).scatter(1, lin.expand(D, -1), vals).view(D, kpp, num_pixels)
     one_minus = (1 - a_buf).double()  # (kpp, P)
     rows = [one_minus[0]]
     for k in range(1, kpp):
         rows.append(rows[-1] * one_minus[k])
-    trans = torch.stack(rows).to(dtype)  # (kpp, P)
+    trans = torch.stack(rows).to(alpha.dtype)  # (kpp, P) transmittance after each slot
     trans_before = torch.cat([torch.ones_like(trans[:1]), trans[:-1]])  # (kpp, P) T_i
     weight = a_buf * trans_before  # (kpp, P) alpha_i T_i, 0 on empty slots
-    # channels and depth of each slot's point, row B * N (zeros) on empty slots
-    if inp.features.dim() == 2:
-        feat = inp.features[None].expand(B, N, C).reshape(B * N, C)
-    else:
-        feat = inp.features.reshape(B * N, C)
-    table = torch.cat([torch.cat([feat, z.reshape(B * N, 1)], 1), feat.new_zeros(1, C + 1)])  # (B * N + 1, C + 1)
-    row_of = torch.full((kpp * P,), B * N, dtype=g.dtype, device=device).scatter(0, lin, g)  # (kpp * P,)
-    vals = table.index_select(0, row_of).view(kpp, P, C + 1)
-    acc = vals[0] * weight[0, :, None]  # (P, C + 1), summed front to back as index_add does
+    acc = v_buf[:, 0] * weight[0]  # (D, P)
     for k in range(1, kpp):
-        acc = acc + vals[k] * weight[k, :, None]
-    acc = acc.t()  # (C + 1, P)
-    rest = trans[-1]  # (P,)
-    image = acc[:C] + inp.background[:, None] * rest  # (C, P)
-    return RasterOutput(
-        image=image.reshape(C, B, H, W).transpose(0, 1).contiguous(),  # (B, C, H, W)
-        alpha=(1 - rest).view(B, 1, H, W),
-        depth=acc[C].reshape(B, 1, H, W),
-    )
+        acc = acc + v_buf[:, k] * weight[k]
+    return acc, trans[-1]
 
 
 def rasterize_dense_reference(

@@ -115,7 +115,7 @@ def test_table_form_costs_nothing_once_and_the_teachers_frame(deployed):
 
 
 def test_one_off_flops_are_the_flop_targets_counts(deployed, distill_run):
-    from lightning_modules.distill import student_flop_target
+    from lightning_modules.flops import student_flop_target
     from lightning_modules.handoff import load_student
 
     student = load_student(str(distill_run / "checkpoints" / "last.ckpt"))

@@ -116,10 +116,10 @@ def test_gar_test_run_reports_per_frame_cost(distill_run, gar_run, tmp_path):
         inputs = module.raster_inputs(one, one.expression)
     z = module.z_mean.expand(1, -1)
     reference = flop_counter_macs(module.generator_ema, (inputs.inputs, z, inputs.base)) + flop_counter_macs(
-        module.student.deform, (module._student_canonical(), one.expression)
+        module.student.deform, (module.student_canonical(), one.expression)
     )
-    assert module.hparams.residual  # experiments/gar.yaml: the student's colours are part of the path
-    reference += flop_counter_macs(module.student.shade, (module._student_canonical(), one.world_mat))
+    assert module.generator.residual  # experiments/gar.yaml: the student's colours are part of the path
+    reference += flop_counter_macs(module.student.shade, (module.student_canonical(), one.world_mat))
     # fvcore and FlopCounterMode agree on convolutions and matmuls; element-wise work (counted by
     # neither) is all that separates them
     assert metrics["flops_per_frame/gar/tracked"] == pytest.approx(reference, rel=0.05)
@@ -170,7 +170,7 @@ def test_generator_from_features_alone_and_e_alone(distill_run, tmp_path):
     cli = run_stage(
         "fit", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
         "--model.init_args.student_ckpt", str(distill_run / "checkpoints" / "last.ckpt"),
-        "--model.init_args.residual=false", "--model.init_args.invert_steps=0",
+        "--model.init_args.generator.residual=false", "--model.init_args.invert_steps=0",
         "--trainer.max_steps=3", "--trainer.callbacks=[]", "--run_dir", str(tmp_path / "gar"),
     )
     module = cli.model
@@ -195,7 +195,7 @@ def test_e_learns_no_geometry_through_the_residual_base(gar_run):
     from models.losses import masked_l1
 
     module = load_gar_module(gar_run)
-    assert module.hparams.residual
+    assert module.generator.residual
     module.hparams.geometry = "encoder"  # GAR's loop: E's expression poses the reconstruction
     with torch.no_grad():
         module.generator.to_rgb.weight.zero_()
@@ -329,12 +329,14 @@ def test_gar_errors_benchmark_splits_the_error_and_matches_the_stage(gar_run, ca
 
 def test_a_checkpoint_trained_with_another_activation_gain_is_refused_in_one_line(gar_run, distill_run, tmp_path):
     """activation_gain and residual_space shape G's output but not its weights: a checkpoint made
-    before them (no such hyper-parameter: gain 1.0, logit residual) loads as it was trained, and a
-    config that asks for another value is refused with the flag to pass."""
+    before them (no such init arg: gain 1.0, logit residual) loads as it was trained, and a config
+    that asks for another value is refused with the flag to pass."""
     ckpt = torch.load(gar_run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["hyper_parameters"]["activation_gain"] == 1.0  # experiments/gar.yaml
-    old = dict(ckpt, hyper_parameters={k: v for k, v in ckpt["hyper_parameters"].items()
-                                       if k not in ("activation_gain", "residual_space")})
+    spec = ckpt["hyper_parameters"]["generator"]
+    assert spec["init_args"]["activation_gain"] == 1.0  # experiments/gar.yaml
+    old_spec = {**spec, "init_args": {k: v for k, v in spec["init_args"].items()
+                                      if k not in ("activation_gain", "residual_space")}}
+    old = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], "generator": old_spec})
     torch.save(old, tmp_path / "old.ckpt")
     student = str(distill_run / "checkpoints" / "last.ckpt")
     module = GARModule.load_from_checkpoint(tmp_path / "old.ckpt", student_ckpt=student)
@@ -342,6 +344,40 @@ def test_a_checkpoint_trained_with_another_activation_gain_is_refused_in_one_lin
     # `lightning test --config experiments/gar.yaml --ckpt_path old.ckpt`: the config's module, then the
     # trainer hands it the checkpoint (on_load_checkpoint) before loading the weights
     init_args = {k: v for k, v in old["hyper_parameters"].items() if not k.startswith("_")}
-    configured = GARModule(**{**init_args, "student_ckpt": student, "activation_gain": 2 ** 0.5})
-    with pytest.raises(ValueError, match=r"trained with activation_gain=1.0, not 1.41.*--model.init_args.activation_gain=1.0"):
+    configured = GARModule(**{**init_args, "student_ckpt": student, "generator": {**old_spec, "activation_gain": 2 ** 0.5}})
+    with pytest.raises(ValueError, match=r"trained with activation_gain=1.0, not 1.41.*--model.init_args.generator.activation_gain=1.0"):
         configured.on_load_checkpoint(old)
+
+
+def _earlier_layout(checkpoint: dict) -> dict:
+    """``checkpoint`` as the layout before G, D and E had class paths wrote it: their sizes flat among the stage's args."""
+    hparams = dict(checkpoint["hyper_parameters"])
+    generator, disc, encoder = (hparams.pop(k)["init_args"] for k in ("generator", "discriminator", "encoder"))
+    hparams.update({k: v for k, v in generator.items() if k not in ("feature_channels", "z_dim")})
+    hparams.update(disc_channels=disc["base_channels"], disc_scales=disc["num_scales"],
+                   encoder_channels=encoder["base_channels"])
+    return dict(checkpoint, hyper_parameters=hparams)
+
+
+def test_a_gar_checkpoint_of_the_earlier_layout_loads_with_its_own_sizes(gar_run, distill_run, tmp_path):
+    """A checkpoint with flat generator sizes (base_channels, num_scales, ..., disc_channels, encoder_channels)
+    builds G, D and E with those sizes, through ``load_from_checkpoint`` and through ``lightning test
+    --ckpt_path`` (the CLI reads them into the networks' entries), and scores as the current layout does."""
+    ckpt = torch.load(gar_run / "checkpoints" / "last.ckpt", weights_only=False)
+    old = _earlier_layout(ckpt)
+    old["hyper_parameters"].update(base_channels=8, num_scales=2, disc_channels=8, disc_scales=1, encoder_channels=8)
+    module = GARModule(**{k: v for k, v in GARModule.upgrade_hparams(old["hyper_parameters"]).items()
+                          if not k.startswith("_")})  # the small networks the old checkpoint describes
+    networks = ("generator", "generator_ema", "discriminator", "encoder")
+    old["state_dict"] = {**{k: v for k, v in old["state_dict"].items() if k.split(".")[0] not in networks},
+                         **{k: v for k, v in module.state_dict().items() if k.split(".")[0] in networks}}
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = GARModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.generator.num_scales == 2 and loaded.discriminator.num_scales == 1
+    assert loaded.generator.spec["init_args"]["base_channels"] == 8 and loaded.encoder.spec["init_args"]["base_channels"] == 8
+    assert sum(p.numel() for p in loaded.generator.parameters()) == sum(p.numel() for p in module.generator.parameters())
+    cli = run_stage("test", "--config", str(EXPERIMENTS / "gar.yaml"), "--config", str(TINY_MESH),
+                    "--ckpt_path", str(tmp_path / "old.ckpt"), "--run_dir", str(tmp_path / "old-test"))
+    assert cli.model.generator.num_scales == 2 and cli.model.discriminator.num_scales == 1
+    metrics = json.loads((tmp_path / "old-test" / "metrics.json").read_text())
+    assert metrics["params/gar"] == sum(p.numel() for p in module.generator.parameters())

@@ -24,7 +24,8 @@ BF16 = "--trainer.precision=bf16-mixed"
 @pytest.fixture
 def spies(monkeypatch) -> dict[str, list]:
     """Wrap the rasterizer entry points and the GAR's GAN losses; record dtypes per call."""
-    import lightning_modules.gar as gar
+    import lightning_modules.gar_rendering as gar_rendering
+    import lightning_modules.gar_training as gar_training
     import models.gan_losses as gan_losses
     import models.rasterizer as rasterizer
     import models.renderer as renderer
@@ -49,7 +50,7 @@ def spies(monkeypatch) -> dict[str, list]:
         return out
 
     monkeypatch.setattr(rasterizer, "rasterize_points", raster_spy)
-    monkeypatch.setattr(gar, "rasterize_points", raster_spy)
+    monkeypatch.setattr(gar_rendering, "rasterize_points", raster_spy)  # the student row
     monkeypatch.setattr(renderer, "rasterize_points", raster_spy)  # the GAR's frame path (GARFrame)
     monkeypatch.setattr(rasterizer, "_composite", composite_spy)
 
@@ -63,7 +64,7 @@ def spies(monkeypatch) -> dict[str, list]:
         return wrapper
 
     for name in ("g_loss", "d_loss", "normal_consistency_loss"):
-        monkeypatch.setattr(gar, name, gan_spy(name, getattr(gar, name)))
+        monkeypatch.setattr(gar_training, name, gan_spy(name, getattr(gar_training, name)))
     # R1 runs inside gan_losses.r1_regularizer (D's forward and the penalty in float32)
     monkeypatch.setattr(gan_losses, "r1_penalty", gan_spy("r1_penalty", gan_losses.r1_penalty))
     return calls

@@ -113,7 +113,7 @@ def test_a_mouth_code_changes_the_mouth_region_more_than_the_rest(gar_module):
         assert render.shape == (3, 3, SIZE, SIZE) and torch.equal(out["driver"], batch.image)
         torch.testing.assert_close(render, module.render_meanz(batch).clamp(0, 1))  # deterministic
         # the mouth region: pixels the mouth points cover, closed or open
-        deformed = module.student.deform(module._student_canonical(), codes[:2])  # (2, N, 3)
+        deformed = module.student.deform(module.student_canonical(), codes[:2])  # (2, N, 3)
         region = torch.zeros(SIZE, SIZE, dtype=torch.bool)
         for i in range(2):
             p = deformed[i : i + 1, mouth]

@@ -98,8 +98,10 @@ def test_visibility_is_each_points_composited_weight():
     """One training step's visibility of a lone point equals the sum of its alphas over the pixels."""
     from datamodules.batch import AvatarBatch
 
-    module = TeacherModule(expression_dim=2, image_size=16, init_points=1, min_points=1, max_points=4,
-                           geometry_width=48, geometry_depth=5, deformer_width=8, deformer_depth=2, shading_width=8)
+    module = TeacherModule(expression_dim=2, image_size=16, teacher={
+        "class_path": "models.teacher.PointAvatarTeacher",
+        "init_args": dict(init_points=1, min_points=1, max_points=4, geometry_width=48, geometry_depth=5,
+                          deformer_width=8, deformer_depth=2, shading_width=8)})
     with torch.no_grad():
         module.teacher.points[0] = torch.tensor([0.0, 0.0, 0.0])
         module.teacher.radius.fill_(0.05)  # at depth 2 with fx 100: r = 2.5 px
@@ -141,7 +143,7 @@ def test_pruning_everything_stops_at_the_floor_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="min_points"):
         cli = run_stage(
             "fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
-            "--model.init_args.prune_threshold=1e9", "--model.init_args.min_points=150",
+            "--model.init_args.teacher.prune_threshold=1e9", "--model.init_args.teacher.min_points=150",
             "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--run_dir", str(tmp_path / "pruned"),
         )
     assert cli.model.teacher.num_active == 150
@@ -264,3 +266,28 @@ def test_with_code_corrections_changes_only_the_frames_it_holds():
     assert out.world_mat[:, 2, 3].tolist() == [0.5, 0.0, 0.0]
     assert torch.equal(batch.expression, torch.zeros(3, 2))  # the input batch is left as it was
     assert with_code_corrections(batch, None) is batch
+
+
+def test_a_teacher_checkpoint_of_the_earlier_layout_loads_with_its_own_sizes(teacher_run, tmp_path):
+    """A checkpoint whose network sizes sit flat among the stage's args (before the ``teacher`` entry
+    had a class path) builds those sizes, through ``load_from_checkpoint`` and ``lightning test --ckpt_path``."""
+    small = dict(max_points=64, init_points=32, min_points=8, geometry_width=16, geometry_depth=5,
+                 deformer_width=8, deformer_depth=2, shading_width=8, num_frequencies=2)
+    ckpt = torch.load(teacher_run / "checkpoints" / "last.ckpt", weights_only=False)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "teacher"}
+    reference = TeacherModule(expression_dim=4, image_size=32, teacher={"class_path": "models.teacher.PointAvatarTeacher",
+                                                                        "init_args": small})
+    state = {**{k: v for k, v in ckpt["state_dict"].items() if not k.startswith("teacher.")},
+             **{f"teacher.{k}": v for k, v in reference.teacher.state_dict().items()}}
+    old = {k: v for k, v in ckpt.items() if k != "teacher"}
+    old.update(hyper_parameters={**hparams, **small}, state_dict=state)
+    old.pop("visibility", None)  # its size is the run's capacity
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = TeacherModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.teacher.max_points == 64 and loaded.teacher.spec["init_args"]["geometry_width"] == 16
+    assert torch.equal(loaded.teacher.points, reference.teacher.points)
+    cli = run_stage("test", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+                    "--ckpt_path", str(tmp_path / "old.ckpt"), "--run_dir", str(tmp_path / "old-test"))
+    assert cli.model.teacher.max_points == 64
+    assert json.loads((tmp_path / "old-test" / "metrics.json").read_text())["params/teacher"] == sum(
+        p.numel() for p in reference.teacher.canonical_network_parameters())
