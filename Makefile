@@ -1,4 +1,4 @@
-# Targets: install, test, test-slow, test-all, smoke, bench, lint, demo, eval, ablation.
+# Targets: install, test, test-slow, test-all, smoke, bench, lint, demo, eval, ablation, player, player-deps.
 PYTHON        ?= python
 PIP           := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -8,8 +8,14 @@ SHARED_WHEELS ?= ../shared/wheels
 WHEEL_CACHE   ?= $(HOME)/.cache/avatar-compress/wheels-torch$(TORCH_VERSION)
 FIND_LINKS    := --find-links $(WHEEL_CACHE) $(if $(wildcard $(SHARED_WHEELS)/*.whl),--find-links $(SHARED_WHEELS))
 PYTEST        ?= $(PYTHON) -m pytest
+# The browser player: its output folder (git-ignored), the pinned npm package files, npm's options.
+PLAYER_DIR    ?= player
+PLAYER_PAGE   := lightning_modules/player_page
+NPM_CI        := npm ci --ignore-scripts --no-audit --no-fund --prefer-offline
+# `make player-deps` installs the player's npm package here once, so npm's cache holds it (CI, the slow test).
+PLAYER_CACHE  ?= $(HOME)/.cache/avatar-compress/player-npm
 
-.PHONY: install test test-slow test-all smoke bench lint demo eval ablation
+.PHONY: install test test-slow test-all smoke bench lint demo eval ablation player player-deps
 
 install:
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja "setuptools>=68" wheel
@@ -58,3 +64,21 @@ eval: install
 # (about 30 min on 2 CPU cores; the same command takes --overrides and a teacher on a GPU).
 ablation: install
 	$(PYTHON) -m benchmarks.ablation
+
+# The browser player (after `make demo`): the demo avatar's ONNX graph, the test frames' codes and a
+# reenactment (../shared/data/videos/akiyo_cif.mp4 when present) in $(PLAYER_DIR)/, with onnxruntime-web
+# (pinned in $(PLAYER_PAGE)/package.json) installed there by npm. Open it with
+# `python -m http.server --directory $(PLAYER_DIR)` and http://localhost:8000. RUN=<gar run>, DRIVER=<video|none>.
+player:
+	@command -v npm >/dev/null 2>&1 || { echo "make player needs npm (Node.js), which is not installed (apt-get install -y npm)"; exit 1; }
+	$(PYTHON) -m lightning_modules.player --out $(PLAYER_DIR) $(if $(RUN),--run $(RUN)) $(if $(DRIVER),--driver $(DRIVER))
+	$(NPM_CI) --prefix $(PLAYER_DIR)
+
+# What the player's slow test needs (CI runs it before `make test-slow`): chromium (apt, as root) and
+# npm, and onnxruntime-web once in $(PLAYER_CACHE) so npm's cache holds it.
+player-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium npm >/dev/null; }
+	mkdir -p $(PLAYER_CACHE)
+	cp $(PLAYER_PAGE)/package.json $(PLAYER_PAGE)/package-lock.json $(PLAYER_CACHE)/
+	$(NPM_CI) --prefix $(PLAYER_CACHE)

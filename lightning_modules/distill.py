@@ -120,9 +120,8 @@ class DistillModule(PerPointWarmup, Stage):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters()
-        self.optimizer_callable, self.lr_scheduler_callable = optimizer, lr_scheduler
         check_refine(refine_steps, refine_lr)
         if warmup_steps < 0 or not warmup_lr > 0 or warmup_deformation_weight < 0:
             raise ValueError(f"warmup_steps must be >= 0, warmup_lr > 0 and warmup_deformation_weight >= 0, got "

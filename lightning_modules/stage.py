@@ -140,8 +140,11 @@ class Stage(pl.LightningModule):
     optimizer_callable: Callable | None = None
     lr_scheduler_callable: Callable | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: Callable | None = None, lr_scheduler: Callable | None = None) -> None:
+        """``optimizer`` / ``lr_scheduler``: a stage's ``OptimizerCallable`` / ``LRSchedulerCallable``
+        init args, if it takes them (:meth:`optimizer_and_schedule`)."""
         super().__init__()
+        self.optimizer_callable, self.lr_scheduler_callable = optimizer, lr_scheduler
         self._frame_cost: dict[str, float] = {}  # ms_per_frame/<row>, flops_per_frame/<row> (test)
         self._eval_cache: dict[str, Any] = {}  # per evaluation epoch (canonical outputs, ...)
 

@@ -120,9 +120,8 @@ class TeacherModule(PointSchedule, Stage):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters()
-        self.optimizer_callable, self.lr_scheduler_callable = optimizer, lr_scheduler
         if not codes_lr > 0:
             raise ValueError(f"codes_lr must be > 0, got {codes_lr}")
         self.loss_weights = merge_weights("loss weight(s)", loss_weights, DEFAULT_LOSS_WEIGHTS)

@@ -393,7 +393,7 @@ def _rasterize(inp: _Inputs, kpp: int, near: float, exportable: bool) -> RasterO
             # fragments of every survivor survive too and the slots below are unchanged.
             bin_size = side * side * max(1, math.ceil(B * N / _DEPTH_BINS))  # candidate ids per bin
             bins = torch.div(cand, bin_size, rounding_mode="floor")  # (F,)
-            hist = torch.zeros(P * _DEPTH_BINS, dtype=pix.dtype, device=device)
+            hist = _zeros(pix, P * _DEPTH_BINS)
             hist = hist.scatter_add(0, pix * _DEPTH_BINS + bins, torch.ones_like(pix)).view(P, _DEPTH_BINS)
             last_bin = (hist.cumsum(1) < kpp).sum(1)  # (P,) first bin where the count reaches kpp
             sure = (bins <= last_bin.index_select(0, pix)).nonzero().squeeze(1)
@@ -401,7 +401,7 @@ def _rasterize(inp: _Inputs, kpp: int, near: float, exportable: bool) -> RasterO
         pix, perm = _stable_sort(pix, exportable)  # group per pixel, depth order kept inside
         if exportable:
             # slot = position in the sorted list - first position of the fragment's pixel
-            count = torch.zeros(P, dtype=pix.dtype, device=device).scatter_add(0, pix, torch.ones_like(pix))
+            count = _zeros(pix, P).scatter_add(0, pix, torch.ones_like(pix))
             first = torch.cumsum(count, 0) - count  # (P,)
             slot = torch.ones_like(pix).cumsum(0) - 1 - first.index_select(0, pix)  # (F,)
             kept = (slot < kpp).nonzero().squeeze(1)  # (F',) position in the sorted fragments
@@ -440,7 +440,7 @@ def _rasterize(inp: _Inputs, kpp: int, near: float, exportable: bool) -> RasterO
     vals = table.index_select(1, g)  # (C + 1, F')
     lin = slot * P + pix  # (F',) index into the padded (points_per_pixel, P) buffer
     if exportable:
-        acc, rest = _composite_unrolled(alpha, vals, lin, P, kpp)
+        acc, rest = _composite_unrolled(alpha, vals, lin, pix, P, kpp)
     elif torch.is_grad_enabled() and (alpha.requires_grad or vals.requires_grad):
         acc, rest = _Composite.apply(alpha, vals, lin, pix, P, kpp)
     else:
@@ -512,28 +512,33 @@ class _Composite(torch.autograd.Function):
         return grad_alpha, grad_vals, None, None, None, None
 
 
+def _zeros(like: Tensor, *size: int) -> Tensor:
+    """Zeros of ``like``'s dtype and device: in an ONNX graph an Expand of a scalar, never a constant
+    tensor of that size (``torch.zeros`` of a static size is written into the file, megabytes at 256²)."""
+    return like.new_zeros(()).expand(*size).contiguous()
+
+
 def _composite_unrolled(
-    alpha: Tensor, vals: Tensor, lin: Tensor, num_pixels: int, kpp: int
+    alpha: Tensor, vals: Tensor, lin: Tensor, pix: Tensor, num_pixels: int, kpp: int
 ) -> tuple[Tensor, Tensor]:
     """:func:`_composite` (acc (D, P), rest (P,)) in ONNX operators, bit-equal in eager mode on CPU.
 
-    Alphas and values are scattered into padded (kpp, P) and (D, kpp, P) buffers (zeros on empty
-    slots); the transmittance is the cumulative product written out, accumulated in float64 as
-    CPU ``cumprod`` does, and the slots are summed front to back, the order of ``index_add_``.
+    The alphas are scattered into a padded (kpp, P) buffer (zeros on empty slots) and the
+    transmittance is the cumulative product written out, accumulated in float64 as CPU ``cumprod``
+    does; each fragment's weight alpha_i T_i is read back at its slot, and the weighted values are
+    summed into their pixels by ``scatter_add`` (ONNX ScatterElements, reduction add) in fragment
+    order, front to back as ``index_add_`` sums them. Only the kept fragments' values are touched
+    (no padded (D, kpp, P) value buffer).
     """
     D = vals.shape[0]
-    a_buf = alpha.new_zeros(kpp * num_pixels).scatter(0, lin, alpha).view(kpp, num_pixels)
-    v_buf = vals.new_zeros(D, kpp * num_pixels).scatter(1, lin.expand(D, -1), vals).view(D, kpp, num_pixels)
+    a_buf = _zeros(alpha, kpp * num_pixels).scatter(0, lin, alpha).view(kpp, num_pixels)
     one_minus = (1 - a_buf).double()  # (kpp, P)
-    rows = [one_minus[0]]
+    rows = [_zeros(one_minus, num_pixels) + 1.0, one_minus[0]]  # T before slot 0 is 1
     for k in range(1, kpp):
         rows.append(rows[-1] * one_minus[k])
-    trans = torch.stack(rows).to(alpha.dtype)  # (kpp, P) transmittance after each slot
-    trans_before = torch.cat([torch.ones_like(trans[:1]), trans[:-1]])  # (kpp, P) T_i
-    weight = a_buf * trans_before  # (kpp, P) alpha_i T_i, 0 on empty slots
-    acc = v_buf[:, 0] * weight[0]  # (D, P)
-    for k in range(1, kpp):
-        acc = acc + v_buf[:, k] * weight[k]
+    trans = torch.stack(rows).to(alpha.dtype)  # (kpp + 1, P): T before each slot, then after the last
+    weight = alpha * trans[:-1].reshape(-1).gather(0, lin)  # (F,) alpha_i T_i
+    acc = _zeros(vals, D, num_pixels).scatter_add(1, pix.expand(D, -1), vals * weight)  # (D, P)
     return acc, trans[-1]
 
 

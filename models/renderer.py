@@ -61,7 +61,7 @@ from models.rasterizer import rasterize_points, rasterize_points_exportable
 
 __all__ = [
     "GARFrame", "GARGenerator", "GeneratorInputs", "MappingNetwork", "ModulatedConv2d", "ema_update", "generator_inputs",
-    "pack_raster_inputs",
+    "pack_raster_inputs", "PointFrame",
 ]
 
 _LEAK = 0.2
@@ -247,7 +247,11 @@ class ModulatedConv2d(nn.Module):
         pad = self.kernel_size // 2
         y = F.conv2d(x * s[:, :, None, None], self.weight, padding=pad)  # (B, O, H, W)
         if self.demodulate:
-            wsq = self.weight.square().sum(dim=(2, 3))  # (O, I)
+            if torch.onnx.is_in_onnx_export():  # one reduction over the stored weight: the exporter's constant
+                # folding would otherwise store weight.square() beside the weight (twice the bytes on disk)
+                wsq = torch.linalg.vector_norm(self.weight, dim=(2, 3)).square()  # (O, I)
+            else:
+                wsq = self.weight.square().sum(dim=(2, 3))  # (O, I)
             d = torch.rsqrt(s.square() @ wsq.t() + self.eps)  # (B, O)
             y = y * d[:, :, None, None]
         return y + self.bias[None, :, None, None]
@@ -534,3 +538,59 @@ class GARFrame(nn.Module):
     def forward(self, expression: Tensor, world_mat: Tensor, K: Tensor, z: Tensor) -> Tensor:
         inputs = self.raster_inputs(expression, world_mat, K)
         return self.generator(inputs.inputs, z, inputs.base)
+
+
+class PointFrame(nn.Module):
+    """One frame of a rasterized point avatar (the teacher's or a student's per-frame path) from its
+    cached canonical outputs: deform by the expression, shade for the camera, rasterize the colours
+    on white. What the teacher and distillation stages render per frame, as one module a runtime can
+    take: the per-frame budget (``benchmarks/bench_budget.py``) times it in PyTorch and, exported with
+    ``exportable=True``, in ONNX Runtime.
+
+    Args:
+        points, offset, normals, albedo: (N, 3) canonical points, offsets, unit normals and albedo.
+        blendshapes: (N, E, 3) expression blendshapes.
+        radius: () splat radius in canonical (world) units.
+        shading: the avatar's shading MLP (camera-space normals -> shading).
+        image_size: S, the square output size.
+        points_per_pixel: rasterizer setting.
+        exportable: rasterize with :func:`models.rasterizer.rasterize_points_exportable` (ONNX).
+
+    Shapes:
+        forward(expression (B, E), world_mat (B, 3, 4), K (B, 3, 3)) -> (B, 3, S, S) RGB in [0, 1].
+
+    Raises:
+        ValueError: inconsistent shapes or an ``image_size`` < 1.
+    """
+
+    def __init__(self, points: Tensor, offset: Tensor, blendshapes: Tensor, normals: Tensor, albedo: Tensor,
+                 radius: Tensor, shading: nn.Module, image_size: int, points_per_pixel: int = 10,
+                 exportable: bool = False) -> None:
+        super().__init__()
+        n = points.shape[0]
+        for name, t in (("offset", offset), ("normals", normals), ("albedo", albedo), ("points", points)):
+            if tuple(t.shape) != (n, 3):
+                raise ValueError(f"{name} must be ({n}, 3), got {tuple(t.shape)}")
+        if blendshapes.dim() != 3 or blendshapes.shape[0] != n or blendshapes.shape[2] != 3:
+            raise ValueError(f"blendshapes must be (N, E, 3) with N = {n}, got {tuple(blendshapes.shape)}")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        for name, t in (("points", points), ("offset", offset), ("blendshapes", blendshapes), ("normals", normals),
+                        ("albedo", albedo)):
+            self.register_buffer(name, t)
+        self.register_buffer("radius", torch.as_tensor(radius).reshape(()))
+        self.shading = shading
+        self.image_size, self.points_per_pixel, self.exportable = int(image_size), int(points_per_pixel), exportable
+
+    @property
+    def expression_dim(self) -> int:
+        """E, the expression code size."""
+        return self.blendshapes.shape[1]
+
+    def forward(self, expression: Tensor, world_mat: Tensor, K: Tensor) -> Tensor:
+        points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
+        colors = shade_points(self.shading, self.normals, self.albedo, world_mat)[0]  # (B, N, 3)
+        r_px = pixel_radius(points, world_mat, K, self.radius)  # (B, N)
+        rasterize = rasterize_points_exportable if self.exportable else rasterize_points
+        return rasterize(points, colors, world_mat, K, (self.image_size, self.image_size), r_px,
+                         self.points_per_pixel, background=1.0).image

@@ -212,3 +212,23 @@ def test_device_size_generator_exports_and_matches_pytorch(distill_run, tmp_path
     for i in range(len(batch)):
         got = session.run(None, ort_inputs(batch, i))[0]
         assert np.abs(got - reference[i : i + 1].numpy()).max() < 1e-4
+
+
+def test_budget_table_times_every_form_and_sizes_the_files(tmp_path):
+    """benchmarks/bench_budget.py on a small random cloud: one row per form, and the two GAR graphs
+    differ on disk by the float32 bytes of their generators' parameters (everything else is shared)."""
+    import json
+
+    from benchmarks.bench_budget import DEVICE_BASE_CHANNELS, main
+    from benchmarks.bench_export import _gar_sizes
+    from models.renderer import GARGenerator
+
+    rows = main(["--sizes", "32", "--points", "200", "--frames", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "budget.json")])
+    assert [r["model"] for r in rows] == ["teacher", "student", "student+gar", "student+gar_device"]
+    assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["size"] == 32 for r in rows)
+    assert json.loads((tmp_path / "budget.json").read_text())["rows"] == rows
+    large = sum(p.numel() for p in GARGenerator(32, **_gar_sizes()).parameters())
+    small = sum(p.numel() for p in GARGenerator(32, **{**_gar_sizes(), "base_channels": DEVICE_BASE_CHANNELS}).parameters())
+    by_model = {r["model"]: r["bytes"] for r in rows}
+    assert by_model["student+gar"] - by_model["student+gar_device"] == pytest.approx(4 * (large - small), rel=0.01)

@@ -1,0 +1,213 @@
+"""The per-frame budget: what one frame costs a device, for every form of the avatar, in one run.
+
+Run ``python -m benchmarks.bench_budget [--run-dir GAR_RUN] [--device-run-dir GAR_RUN] [--sizes 64,128,256]
+[--points 10000] [--threads 2] [--frames 4] [--repeats 3] [--out runs/bench/budget.json]``.
+
+Rows (B = 1; canonical outputs cached, as a device holds them):
+
+- ``teacher``: the teacher's per-frame path (deform, shade, rasterize the colours);
+- ``student``: the same for the student (:class:`models.renderer.PointFrame`);
+- ``student+gar``: deform, shade (the residual G's base), rasterize at G's scales, the EMA generator
+  (:class:`models.renderer.GARFrame`, what the export writes);
+- ``student+gar_device``: the same with the device-size generator (``experiments/overrides/gar_device.yaml``).
+
+Each at every ``--sizes`` (S x S) in eager PyTorch (``rasterize_points``) and in ONNX Runtime (the
+graph exported with ``exportable=True``, ``intra_op_num_threads = --threads``), on two clouds: the
+demo avatar (``--run-dir``: a GAR run, its student, its teacher through the run's pinned upstreams,
+and ``--device-run-dir``'s generator; the test frames' cameras, K scaled to S) and ``--points``
+points on a sphere with models of the default sizes and random weights (speed does not depend on
+training). ms/frame: the median over ``--repeats`` passes of the mean over ``--frames`` frames,
+after a warm-up pass; bytes: the ONNX file (canonical outputs and weights included). The machine
+is shared: compare rows of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_export import (
+    _gar_sizes,
+    _student_sizes,
+    seconds_per_frame,
+    teacher_radius,
+)
+from datamodules.mesh_views import ring_cameras
+from models.renderer import GARFrame, GARGenerator, PointFrame
+from models.student import Student
+from models.teacher import PointAvatarTeacher, fibonacci_sphere
+
+ROWS = ("teacher", "student", "student+gar", "student+gar_device")
+DEVICE_BASE_CHANNELS = 12  # experiments/overrides/gar_device.yaml
+
+
+def _point_frame(canonical, radius, shading, size: int, exportable: bool) -> PointFrame:
+    return PointFrame(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals,
+                      canonical.albedo, radius, shading, size, exportable=exportable).eval()
+
+
+def _gar_frame(canonical, radius, shading, generator, size: int, exportable: bool) -> GARFrame:
+    return GARFrame(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.feature,
+                    canonical.albedo, radius, shading, generator, size, exportable=exportable).eval()
+
+
+def random_cloud(num_points: int, num_frames: int = 4, expression_dim: int = 16, seed: int = 0) -> dict:
+    """Default-size teacher, student and both generators with random weights on ``num_points`` sphere points."""
+    torch.manual_seed(seed)
+    points = fibonacci_sphere(num_points, 0.5)
+    radius = torch.tensor(teacher_radius(num_points))
+    teacher = PointAvatarTeacher(expression_dim=expression_dim).eval()
+    student = Student(expression_dim=expression_dim, **_student_sizes()).eval()
+    student.set_canonical(points, radius=radius)
+    sizes = _gar_sizes()
+    generators = {"student+gar": GARGenerator(student.latent_dim, **sizes),
+                  "student+gar_device": GARGenerator(student.latent_dim, **{**sizes, "base_channels": DEVICE_BASE_CHANNELS})}
+    for g in generators.values():
+        with torch.no_grad():  # a trained residual generator: to_rgb off zero (the speed is the same)
+            g.to_rgb.weight.normal_(0.0, 0.1)
+    with torch.no_grad():
+        t_canonical = teacher.canonical(points, compute_normals=True, method="explicit")
+        s_canonical = student.canonical()
+    world_mats, Ks = ring_cameras(num_frames, 2.2, 10.0, 30.0, 128)
+    return {"name": f"{num_points} points (random weights)", "teacher": (teacher, t_canonical, radius),
+            "student": (student, s_canonical, student.radius), "generators": generators,
+            "z": {k: torch.zeros(1, g.z_dim) for k, g in generators.items()},
+            "expression": 0.5 * torch.randn(num_frames, expression_dim), "world_mat": world_mats, "K_size": 128,
+            "K": Ks}
+
+
+def run_cloud(run_dir: str, device_run_dir: str | None, num_frames: int) -> dict:
+    """The demo avatar: a GAR run's student and EMA generator, its teacher (through the pinned
+    upstreams) and the device run's generator; the run's test frames."""
+    from lightning_modules.export import load_datamodule, load_gar_module
+    from lightning_modules.handoff import load_teacher, read_checkpoint
+
+    module = load_gar_module(run_dir, "best.ckpt" if (Path(run_dir) / "checkpoints" / "best.ckpt").is_file()
+                             else "last.ckpt")
+    teacher_ckpt = read_checkpoint(module.hparams.student_ckpt)["hyper_parameters"]["teacher_ckpt"]
+    teacher, _ = load_teacher(teacher_ckpt)
+    with torch.no_grad():
+        t_canonical = teacher.canonical(method="explicit")
+    generators = {"student+gar": module.generator_ema}
+    z = {"student+gar": module.z_mean.reshape(1, -1)}
+    if device_run_dir is not None:
+        device = load_gar_module(device_run_dir, "best.ckpt" if (Path(device_run_dir) / "checkpoints" / "best.ckpt")
+                                 .is_file() else "last.ckpt")
+        generators["student+gar_device"] = device.generator_ema
+        z["student+gar_device"] = device.z_mean.reshape(1, -1)
+    batch = next(iter(load_datamodule(run_dir).test_dataloader()))
+    n = min(num_frames, len(batch))
+    return {"name": f"demo avatar ({module.student.num_points} points; {run_dir})",
+            "teacher": (teacher, t_canonical, teacher.radius), "student": (module.student, module.student_canonical(),
+                                                                        module.student.radius),
+            "generators": generators, "z": z, "expression": batch.expression[:n].float(),
+            "world_mat": batch.world_mat[:n, :3].float(), "K": batch.K[:n].float(), "K_size": batch.image.shape[-1]}
+
+
+def _frames(cloud: dict, size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    K = cloud["K"].clone()
+    K[:, :2] *= size / cloud["K_size"]  # the same view at another resolution
+    return [(cloud["expression"][i : i + 1], cloud["world_mat"][i : i + 1], K[i : i + 1])
+            for i in range(len(cloud["expression"]))]
+
+
+def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Path, options) -> tuple[float, float]:
+    """Seconds per frame of ``make(False)`` in PyTorch and of ``make(True)`` exported to ``path`` in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from lightning_modules.export import export_graph
+
+    eager, extra = make(False), ((z,) if z is not None else ())
+    with torch.no_grad():
+        torch_s = seconds_per_frame(lambda e, w, k: eager(e, w, k, *extra), frames, repeats)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on the input checks
+        if z is not None:
+            export_graph(make(True), z.reshape(-1), path)
+        else:
+            torch.onnx.export(make(True), frames[0], str(path), dynamo=False, opset_version=18,
+                              input_names=["expression", "world_mat", "K"], output_names=["rgb"])
+    session = ort.InferenceSession(str(path), options)
+
+    def run(e, w, k):
+        return session.run(None, {"expression": e.numpy(), "world_mat": w.numpy(), "K": k.numpy()})
+
+    return torch_s, seconds_per_frame(run, frames, repeats)
+
+
+def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path) -> list[dict]:
+    """Rows of the budget table for one cloud (printed as they come)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    rows = []
+    for size in sizes:
+        frames = _frames(cloud, size)
+        for row in ROWS:
+            if row.startswith("student+"):
+                generator = cloud["generators"].get(row)
+                if generator is None or size % 2 ** (generator.num_scales - 1):
+                    continue
+                student, canonical, radius = cloud["student"]
+                make = functools.partial(_gar_frame, canonical, radius, student.shading, generator, size)
+                z = cloud["z"][row]
+            else:
+                model, canonical, radius = cloud[row]
+                make, z = functools.partial(_point_frame, canonical, radius, model.shading, size), None
+            torch_s, ort_s = _time_row(make, z, frames, repeats, tmp / f"{row}_{size}.onnx", options)
+            r = {"cloud": cloud["name"], "model": row, "size": size, "torch_ms": 1000 * torch_s,
+                 "torch_fps": 1 / torch_s, "ort_ms": 1000 * ort_s, "ort_fps": 1 / ort_s,
+                 "bytes": (tmp / f"{row}_{size}.onnx").stat().st_size}
+            rows.append(r)
+            print(f"{cloud['name'][:34]:34s} {row:>19s} {size:4d}²  torch {r['torch_ms']:7.1f} ms ({r['torch_fps']:5.1f}/s)"
+                  f"  ort {r['ort_ms']:7.1f} ms ({r['ort_fps']:5.1f}/s)  {r['bytes'] / 1e6:6.2f} MB", flush=True)
+    return rows
+
+
+def format_budget(rows: list[dict]) -> str:
+    """The budget table as Markdown."""
+    lines = ["| cloud | model | S | PyTorch ms | PyTorch frames/s | ONNX Runtime ms | ONNX Runtime frames/s | MB on disk |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['cloud']} | {r['model']} | {r['size']} | {r['torch_ms']:.1f} | {r['torch_fps']:.1f} | "
+                     f"{r['ort_ms']:.1f} | {r['ort_fps']:.1f} | {r['bytes'] / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=None, help="a GAR run (the demo avatar); default: none")
+    parser.add_argument("--device-run-dir", default=None, help="the device-size GAR run on the same student")
+    parser.add_argument("--sizes", default="64,128,256")
+    parser.add_argument("--points", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench/budget.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    clouds = []
+    if args.run_dir is not None:
+        clouds.append(run_cloud(args.run_dir, args.device_run_dir, args.frames))
+    clouds.append(random_cloud(args.points, args.frames))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cloud in clouds:
+            rows += measure(cloud, sizes, args.threads, args.repeats, Path(tmp))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
+    print(format_budget(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
