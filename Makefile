@@ -70,7 +70,8 @@ ablation: install
 # (pinned in $(PLAYER_PAGE)/package.json) installed there by npm. Open it with
 # `python -m http.server --directory $(PLAYER_DIR)` and http://localhost:8000. RUN=<gar run>, DRIVER=<video|none>.
 player:
-	@command -v npm >/dev/null 2>&1 || { echo "make player needs npm (Node.js), which is not installed (apt-get install -y npm)"; exit 1; }
+	@command -v npm >/dev/null 2>&1 || { echo "make player needs npm, which is not installed (apt-get install -y npm)"; \
+	  exit 1; }
 	$(PYTHON) -m lightning_modules.player --out $(PLAYER_DIR) $(if $(RUN),--run $(RUN)) $(if $(DRIVER),--driver $(DRIVER))
 	$(NPM_CI) --prefix $(PLAYER_DIR)
 
