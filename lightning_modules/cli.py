@@ -240,9 +240,12 @@ class AvatarCLI(LightningCLI):
         if not hparams:
             return
         class_path = hparams.pop("_class_path", None)
+        # a checkpoint saved outside the CLI names no class: the config's model reads it
+        upgrade = getattr(class_from_path(class_path or self.config[subcommand].model.class_path), "upgrade_hparams",
+                          None)
+        hparams = upgrade(hparams) if upgrade else hparams
         if class_path is not None:
-            upgrade = getattr(class_from_path(class_path), "upgrade_hparams", None)
-            hparams = {"class_path": class_path, "dict_kwargs": upgrade(hparams) if upgrade else hparams}
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         except SystemExit:

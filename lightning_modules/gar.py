@@ -34,7 +34,13 @@ import torch
 
 from lightning_modules.gar_rendering import GARRendering
 from lightning_modules.gar_training import GARTraining
-from lightning_modules.handoff import build_model, load_code_corrections, load_student, read_checkpoint
+from lightning_modules.handoff import (
+    build_model,
+    load_code_corrections,
+    load_student,
+    read_checkpoint,
+    spec_parts,
+)
 from lightning_modules.metrics import HeldOutMetrics
 from lightning_modules.stage import Stage, check_expression_dim, check_refine, merge_weights
 from models.discriminator import MultiScalePatchDiscriminator
@@ -72,8 +78,8 @@ class GARModule(GARTraining, GARRendering, Stage):
         generator, discriminator, encoder: ``{class_path, init_args}`` (None: the defaults,
             :class:`~models.renderer.GARGenerator`, :class:`~models.discriminator.MultiScalePatchDiscriminator`,
             :class:`~models.encoder.InverseEncoder`); the stage sets G's ``feature_channels`` (the
-            student's) and ``z_dim``, and E's ``z_dim`` and ``expression_dim``. Checkpoints and configs
-            of the earlier layout (``base_channels``, ``num_scales``, ``residual``, ``disc_channels``,
+            student's) and ``z_dim``, and E's ``z_dim`` and ``expression_dim``. Checkpoints of the
+            earlier layout (``base_channels``, ``num_scales``, ``residual``, ``disc_channels``,
             ... among the stage's args) are read into them (:attr:`LEGACY_ARGS`).
         gan_loss: "logistic" (non-saturating) or "hinge".
         loss_weights: {l1, ssim, adv, feature_matching, expression, normal, z_swap, z_reg}; 0 switches a
@@ -121,7 +127,7 @@ class GARModule(GARTraining, GARRendering, Stage):
                    "disc_channels": ("discriminator", "base_channels"), "disc_scales": ("discriminator", "num_scales"),
                    "encoder_channels": ("encoder", "base_channels")}
     #: generator init args that change its output but not its weights: a checkpoint must be reloaded with its own
-    OUTPUT_ARGS = {"activation_gain": 1.0, "residual_space": "logit"}
+    OUTPUT_ARGS = {"activation_gain": 1.0, "residual_space": "logit", "residual": False}
 
     def __init__(
         self,
@@ -216,7 +222,7 @@ class GARModule(GARTraining, GARRendering, Stage):
         another generator output setting (:attr:`OUTPUT_ARGS`, not in the weights); restores the health state."""
         super().on_load_checkpoint(checkpoint)
         saved = self.upgrade_hparams(checkpoint.get("hyper_parameters") or {})
-        saved_args = (saved.get("generator") or {}).get("init_args") or {}
+        saved_args = spec_parts(saved.get("generator"), self.NETWORKS["generator"], "generator")[1]
         for key, first in self.OUTPUT_ARGS.items():
             was, now = saved_args.get(key, first), self.generator.spec["init_args"].get(key, first)
             if was != now:

@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "build_student",
     "network_entry",
+    "spec_parts",
     "class_from_path",
     "class_path_of",
     "datamodule_from_config",
@@ -204,8 +205,32 @@ def load_teacher(
 DEFAULT_STUDENT = "models.student.Student"
 
 
+def spec_parts(spec: Mapping[str, Any] | None, default: str, role: str = "model",
+               bare_args: bool = False) -> tuple[str, dict[str, Any]]:
+    """``(class_path, init_args)`` of a network entry as :func:`build_model` reads it: keys beside
+    ``class_path`` / ``init_args`` (the command line's ``--model.init_args.<role>.<arg>``) override
+    ``init_args``; None is ``default`` with its defaults.
+
+    Args:
+        bare_args: a dict without ``class_path`` is the init args of ``default`` (the student's entry
+            before class paths); otherwise such a dict is refused.
+
+    Raises:
+        ValueError: an entry without ``class_path`` (a later config replaces an entry as a whole, so
+            an override that names no class would silently drop the earlier config's init args).
+    """
+    spec = dict(spec or {})
+    if spec and "class_path" not in spec and ("init_args" in spec or not bare_args):
+        raise ValueError(f"the {role} entry has no class_path (a later config replaces a network entry as a whole): "
+                         f"give its class_path and every init arg it needs in the last config")
+    if "class_path" not in spec:
+        return default, spec
+    class_path = spec.pop("class_path")
+    return class_path, {**(spec.pop("init_args", None) or {}), **spec}
+
+
 def build_model(spec: Mapping[str, Any] | None, default: str, injected: Mapping[str, Any],
-                base: type | None = None, role: str = "model") -> torch.nn.Module:
+                base: type | None = None, role: str = "model", bare_args: bool = False) -> torch.nn.Module:
     """A new network from a config's ``{class_path, init_args}`` entry (students, the teacher's network,
     the GAR's generator, discriminator and encoder).
 
@@ -218,6 +243,7 @@ def build_model(spec: Mapping[str, Any] | None, default: str, injected: Mapping[
         injected: init args the stage sets from elsewhere (sizes of the data or of the upstream model).
         base: the class the model must derive from (None: any).
         role: the config entry's name, for errors.
+        bare_args: see :func:`spec_parts`.
 
     Returns:
         the model, with ``(class_path, init_args)`` recorded as ``model.spec`` for its checkpoint.
@@ -226,15 +252,7 @@ def build_model(spec: Mapping[str, Any] | None, default: str, injected: Mapping[
         ImportError: an unknown class path. TypeError: a class that is not a ``base``.
         ValueError: ``init_args`` setting an injected arg to another value than the stage's.
     """
-    spec = dict(spec or {})
-    if "init_args" in spec and "class_path" not in spec:
-        raise ValueError(f"the {role} entry has init_args but no class_path (a later config replaces a network "
-                         f"entry as a whole): give its class_path and every init arg in the last config")
-    if "class_path" in spec:
-        class_path = spec.pop("class_path")
-        init_args = {**(spec.pop("init_args", None) or {}), **spec}
-    else:
-        class_path, init_args = default, spec
+    class_path, init_args = spec_parts(spec, default, role, bare_args)
     cls = class_from_path(class_path)
     if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"{role} class_path {class_path!r} is not a {class_path_of(base)} subclass")
@@ -263,7 +281,8 @@ def build_student(spec: dict[str, Any] | None, expression_dim: int) -> torch.nn.
     """
     from models.student import PointStudent
 
-    return build_model(spec, DEFAULT_STUDENT, {"expression_dim": expression_dim}, PointStudent, "student")
+    return build_model(spec, DEFAULT_STUDENT, {"expression_dim": expression_dim}, PointStudent, "student",
+                       bare_args=True)
 
 
 def load_student(path: str | os.PathLike | dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:

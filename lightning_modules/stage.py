@@ -168,8 +168,11 @@ class Stage(pl.LightningModule):
         network sizes are read into the networks' entries (:meth:`upgrade_hparams`; Lightning alone
         would drop them and build the default sizes). ``kwargs`` still override the checkpoint's."""
         saved = read_checkpoint(checkpoint_path, "cpu").get("hyper_parameters") or {}
-        upgraded = cls.upgrade_hparams(saved)
-        kwargs = {**{k: upgraded[k] for k in cls.NETWORKS if upgraded.get(k) != saved.get(k)}, **kwargs}
+        networks = {k: v for k, v in cls.upgrade_hparams(saved).items() if k in cls.NETWORKS}
+        # flat keyword overrides of the earlier layout (base_channels=12) go into those entries too
+        given = cls.upgrade_hparams({**networks, **kwargs})
+        kwargs = {**{k: v for k, v in given.items() if k in cls.NETWORKS and v != saved.get(k)},
+                  **{k: v for k, v in given.items() if k not in cls.NETWORKS}}
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # -- upstream ------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ class TeacherModule(PointSchedule, Stage):
         expression_dim, image_size: from the datamodule (linked by the CLI).
         teacher: the network, ``{class_path, init_args}`` of a :class:`~models.teacher.PointAvatarTeacher`
             (None: its defaults, PointAvatar's MLP sizes and point buffer); ``expression_dim`` comes
-            from the dataset. Checkpoints and configs of the earlier layout, with its init args
+            from the dataset. Checkpoints of the earlier layout, with its init args
             (``max_points``, ``geometry_width``, ...) among the stage's, are read into it.
         points_per_pixel: depth-nearest points composited per pixel (PointAvatar: 10).
         grow_every_epochs, prune_every_epochs: point schedule (PointAvatar: 5 and 1).

@@ -347,6 +347,15 @@ def test_a_checkpoint_trained_with_another_activation_gain_is_refused_in_one_lin
     configured = GARModule(**{**init_args, "student_ckpt": student, "generator": {**old_spec, "activation_gain": 2 ** 0.5}})
     with pytest.raises(ValueError, match=r"trained with activation_gain=1.0, not 1.41.*--model.init_args.generator.activation_gain=1.0"):
         configured.on_load_checkpoint(old)
+    # a run fitted with the flag form (--model.init_args.generator.activation_gain=1.4142: a key beside
+    # class_path) trained with that gain: a gain-1.0 module refuses it, naming the gain it was trained with
+    flagged = dict(ckpt, hyper_parameters={**ckpt["hyper_parameters"], "generator": {**spec, "activation_gain": 2 ** 0.5}})
+    with pytest.raises(ValueError, match=r"trained with activation_gain=1.41.*, not 1.0"):
+        module.on_load_checkpoint(flagged)
+    # residual changes G's output, not its weights: a residual checkpoint is refused by a non-residual G
+    plain = GARModule(**{**init_args, "student_ckpt": student, "generator": {**spec, "residual": False}})
+    with pytest.raises(ValueError, match=r"trained with residual=True, not False"):
+        plain.on_load_checkpoint(ckpt)
 
 
 def _earlier_layout(checkpoint: dict) -> dict:

@@ -164,3 +164,21 @@ def test_a_command_line_student_argument_overrides_the_configs():
     assert type(old).__name__ == "Student" and old.k == 8
     with pytest.raises(TypeError, match="not a models.student.PointStudent subclass"):
         build_student({"class_path": "torch.nn.Linear"}, expression_dim=4)
+
+
+def test_a_network_entry_without_class_path_is_refused_and_injected_sizes_must_agree():
+    """A later config replaces an entry as a whole: {base_channels: 12} alone would silently drop the
+    earlier config's init args (residual, ...), so only the student's old bare form is read."""
+    from lightning_modules.handoff import build_model, spec_parts
+
+    with pytest.raises(ValueError, match="the generator entry has no class_path"):
+        build_model({"base_channels": 12}, "models.renderer.GARGenerator", {}, role="generator")
+    with pytest.raises(ValueError, match="the student entry has no class_path"):
+        spec_parts({"init_args": {"k": 8}}, "models.student.Student", "student", bare_args=True)
+    with pytest.raises(ValueError, match=r"generator.init_args.z_dim=8 disagrees with the stage's 16"):
+        build_model({"class_path": "models.renderer.GARGenerator", "init_args": {"z_dim": 8}},
+                    "models.renderer.GARGenerator", {"z_dim": 16}, role="generator")
+    # the flag form (a key beside class_path) wins over init_args, in spec_parts and so in build_model
+    spec = {"class_path": "models.renderer.GARGenerator", "init_args": {"activation_gain": 1.0}, "activation_gain": 2.0}
+    assert spec_parts(spec, "x")[1] == {"activation_gain": 2.0}
+    assert build_model(spec, "x", {"feature_channels": 4, "z_dim": 4}).encoder[0].gain == 2.0
