@@ -13,11 +13,13 @@ Rows (B = 1; canonical outputs cached, as a device holds them):
 
 Each at every ``--sizes`` (S x S) in eager PyTorch (``rasterize_points``) and in ONNX Runtime (the
 graph exported with ``exportable=True``, ``intra_op_num_threads = --threads``), on two clouds: the
-demo avatar (``--run-dir``: a GAR run, its student, its teacher through the run's pinned upstreams,
-and ``--device-run-dir``'s generator; the test frames' cameras, K scaled to S) and ``--points``
+demo avatar (``--run-dir``, default ``runs/demo/gar/latest`` when ``make demo`` made it: a GAR run,
+its student, its teacher through the run's pinned upstreams, and ``--device-run-dir``'s generator,
+default the run's ``-device`` twin; the test frames' cameras, K scaled to S) and ``--points``
 points on a sphere with models of the default sizes and random weights (speed does not depend on
 training). ms/frame: the median over ``--repeats`` passes of the mean over ``--frames`` frames,
-after a warm-up pass; bytes: the ONNX file (canonical outputs and weights included). The machine
+after a warm-up pass; ONNX Runtime's time split by stage (deform+rasterize, shading, generator) from
+its profile (:func:`stage_shares`); bytes: the ONNX file (canonical outputs and weights included). The machine
 is shared: compare rows of one run, not runs.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,6 +47,8 @@ from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
 ROWS = ("teacher", "student", "student+gar", "student+gar_device")
+#: The demo's GAR run (its device-size twin is the same folder name with ``-device``).
+DEMO_RUN = Path("runs") / "demo" / "gar" / "latest"
 DEVICE_BASE_CHANNELS = 12  # experiments/overrides/gar_device.yaml
 
 
@@ -141,6 +146,30 @@ def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Pa
     return torch_s, seconds_per_frame(run, frames, repeats)
 
 
+def stage_shares(path: Path, frames: list, options) -> dict[str, float]:
+    """Shares of ONNX Runtime's node time per stage of the graph at ``path``, from its profile over
+    ``frames``: ``generator`` (nodes under ``/generator/``), ``shading`` (under ``/shading/``) and
+    ``deform+rasterize`` (the rest: deformation, normals, rasterization at every scale)."""
+    import onnxruntime as ort
+
+    profiled = ort.SessionOptions()
+    profiled.intra_op_num_threads, profiled.inter_op_num_threads = options.intra_op_num_threads, 1
+    profiled.log_severity_level, profiled.enable_profiling = 3, True
+    profiled.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), profiled)
+    for e, w, k in frames:
+        session.run(None, {"expression": e.numpy(), "world_mat": w.numpy(), "K": k.numpy()})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    totals = {"deform+rasterize": 0.0, "shading": 0.0, "generator": 0.0}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            name = event["name"]
+            stage = "generator" if "/generator/" in name else "shading" if "/shading/" in name else "deform+rasterize"
+            totals[stage] += event["dur"]
+    total = sum(totals.values()) or 1.0
+    return {stage: value / total for stage, value in totals.items()}
+
+
 def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path) -> list[dict]:
     """Rows of the budget table for one cloud (printed as they come)."""
     import onnxruntime as ort
@@ -161,29 +190,33 @@ def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path
             else:
                 model, canonical, radius = cloud[row]
                 make, z = functools.partial(_point_frame, canonical, radius, model.shading, size), None
-            torch_s, ort_s = _time_row(make, z, frames, repeats, tmp / f"{row}_{size}.onnx", options)
+            path = tmp / f"{row}_{size}.onnx"
+            torch_s, ort_s = _time_row(make, z, frames, repeats, path, options)
             r = {"cloud": cloud["name"], "model": row, "size": size, "torch_ms": 1000 * torch_s,
-                 "torch_fps": 1 / torch_s, "ort_ms": 1000 * ort_s, "ort_fps": 1 / ort_s,
-                 "bytes": (tmp / f"{row}_{size}.onnx").stat().st_size}
+                 "torch_fps": 1 / torch_s, "ort_ms": 1000 * ort_s, "ort_fps": 1 / ort_s, "bytes": path.stat().st_size,
+                 "ort_ms_by_stage": {k: 1000 * ort_s * v for k, v in stage_shares(path, frames, options).items()}}
             rows.append(r)
             print(f"{cloud['name'][:34]:34s} {row:>19s} {size:4d}²  torch {r['torch_ms']:7.1f} ms ({r['torch_fps']:5.1f}/s)"
-                  f"  ort {r['ort_ms']:7.1f} ms ({r['ort_fps']:5.1f}/s)  {r['bytes'] / 1e6:6.2f} MB", flush=True)
+                  f"  ort {r['ort_ms']:7.1f} ms ({r['ort_fps']:5.1f}/s)  {r['bytes'] / 1e6:6.2f} MB  "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in r["ort_ms_by_stage"].items() if v), flush=True)
     return rows
 
 
 def format_budget(rows: list[dict]) -> str:
     """The budget table as Markdown."""
-    lines = ["| cloud | model | S | PyTorch ms | PyTorch frames/s | ONNX Runtime ms | ONNX Runtime frames/s | MB on disk |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| cloud | model | S | PyTorch ms | PyTorch frames/s | ONNX Runtime ms | ONNX Runtime frames/s "
+             "| of which deform+rasterize / shading / generator ms | MB on disk |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        stages = " / ".join(f"{v:.1f}" for v in r["ort_ms_by_stage"].values())
         lines.append(f"| {r['cloud']} | {r['model']} | {r['size']} | {r['torch_ms']:.1f} | {r['torch_fps']:.1f} | "
-                     f"{r['ort_ms']:.1f} | {r['ort_fps']:.1f} | {r['bytes'] / 1e6:.2f} |")
+                     f"{r['ort_ms']:.1f} | {r['ort_fps']:.1f} | {stages} | {r['bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default=None, help="a GAR run (the demo avatar); default: none")
+    parser.add_argument("--run-dir", default=None, help="a GAR run (the demo avatar); default: runs/demo/gar/latest")
     parser.add_argument("--device-run-dir", default=None, help="the device-size GAR run on the same student")
     parser.add_argument("--sizes", default="64,128,256")
     parser.add_argument("--points", type=int, default=10_000)
@@ -195,8 +228,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     clouds = []
-    if args.run_dir is not None:
-        clouds.append(run_cloud(args.run_dir, args.device_run_dir, args.frames))
+    run_dir, device_run_dir = args.run_dir, args.device_run_dir
+    if run_dir is None and DEMO_RUN.is_dir():  # the demo avatar, when `make demo` made one
+        run_dir = os.path.relpath(DEMO_RUN.resolve())  # the run's own folder, not the moving link
+        device = Path(f"{run_dir}-device")
+        device_run_dir = device_run_dir or (str(device) if device.is_dir() else None)
+    if run_dir is not None:
+        clouds.append(run_cloud(run_dir, device_run_dir, args.frames))
     clouds.append(random_cloud(args.points, args.frames))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -228,6 +228,10 @@ def test_budget_table_times_every_form_and_sizes_the_files(tmp_path):
     assert [r["model"] for r in rows] == ["teacher", "student", "student+gar", "student+gar_device"]
     assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["size"] == 32 for r in rows)
     assert json.loads((tmp_path / "budget.json").read_text())["rows"] == rows
+    for r in rows:  # the profile's split adds up to the frame; only the GAR rows run a generator
+        assert sum(r["ort_ms_by_stage"].values()) == pytest.approx(r["ort_ms"])
+        assert (r["ort_ms_by_stage"]["generator"] > 0) == r["model"].startswith("student+")
+        assert r["ort_ms_by_stage"]["shading"] > 0 and r["ort_ms_by_stage"]["deform+rasterize"] > 0
     large = sum(p.numel() for p in GARGenerator(32, **_gar_sizes()).parameters())
     small = sum(p.numel() for p in GARGenerator(32, **{**_gar_sizes(), "base_channels": DEVICE_BASE_CHANNELS}).parameters())
     by_model = {r["model"]: r["bytes"] for r in rows}
