@@ -34,9 +34,11 @@ import copy
 import netrc
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -55,7 +57,7 @@ from lightning_modules.run_folder import (
     resolve_run_dir,
 )
 
-__all__ = ["AvatarCLI", "main", "run_cli", "stage_of"]
+__all__ = ["AvatarCLI", "main", "run_cli", "stage_of", "upgrade_config_args"]
 
 _RUN_KEYS = ("run_dir", "run_name")
 
@@ -300,10 +302,44 @@ class AvatarCLI(LightningCLI):
                 rank_zero_info(f"{link} -> {self.run_dir.name}")
 
 
+def upgrade_config_args(args: list[str]) -> list[str]:
+    """``args`` with each ``--config`` file of the earlier layout (a stage's network sizes flat among its
+    init args, as runs made before network entries saved their ``config.yaml``) replaced by a copy in the
+    current layout (:meth:`~lightning_modules.stage.Stage.upgrade_hparams`), said in one line on stderr.
+    A file that names no model class takes the class of an earlier ``--config``. Other arguments and
+    current-layout files are returned as they are; the user's files are never written."""
+    out, class_path = list(args), None
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg[9:] if arg.startswith("--config=") else None
+        if path is None or not Path(path).is_file():
+            continue
+        try:  # a file the parser cannot read, or an unknown class: the parser's own error says so
+            config = yaml.safe_load(Path(path).read_text()) or {}
+            model = config.get("model") if isinstance(config, dict) else None
+            class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
+            upgrade = getattr(class_from_path(class_path), "upgrade_hparams", None) if class_path else None
+        except (yaml.YAMLError, ImportError, OSError):
+            continue
+        if not isinstance(model, dict):
+            continue
+        init_args = model.get("init_args") or {}
+        if upgrade is None or upgrade(init_args) == init_args:
+            continue
+        copy_path = Path(tempfile.mkdtemp(prefix="avatar-config-")) / Path(path).name
+        copy_path.write_text(yaml.safe_dump({**config, "model": {**model, "init_args": upgrade(init_args)}}, sort_keys=False))
+        moved = sorted(set(init_args) - set(upgrade(init_args)))
+        sys.stderr.write(f"{path}: a config of the earlier layout; read with {', '.join(moved)} moved into the "
+                         f"network entries (save the run's new config.yaml to keep the current layout)\n")
+        out[i + 1 if arg == "--config" else i] = str(copy_path) if arg == "--config" else f"--config={copy_path}"
+    return out
+
+
 def run_cli(args: list[str] | None = None) -> AvatarCLI:
-    """Parse ``args`` (None: ``sys.argv[1:]``), run the subcommand, return the CLI (model, trainer, run_dir)."""
+    """Parse ``args`` (None: ``sys.argv[1:]``), run the subcommand, return the CLI (model, trainer, run_dir).
+    Config files of the earlier layout are read in the current one (:func:`upgrade_config_args`)."""
     if args is None and len(sys.argv) == 1:
         sys.argv.append("--help")
+    args = upgrade_config_args(sys.argv[1:] if args is None else list(args))
     before = _active_wandb_run()
     try:
         cli = AvatarCLI(args=args)

@@ -204,3 +204,31 @@ def test_a_test_run_reports_only_its_own_rows(workdir):
     tested = run("test", "--config", str(conf), "--ckpt_path", str(ckpt))
     metrics = json.loads((tested.run_dir / "metrics.json").read_text())
     assert set(metrics) == {"params/toy", "toy/tracked/test/full/l1"}  # no val rows carried over from the fit
+
+
+def test_a_config_of_the_earlier_layout_is_read_into_the_network_entries(tmp_path, capsys):
+    """A run's config.yaml saved before network entries (GAR sizes flat among the stage's args) still
+    parses: the CLI reads a copy in the current layout, says so in one line, and leaves the file alone."""
+    import yaml
+
+    from lightning_modules.cli import upgrade_config_args
+
+    old = tmp_path / "config.yaml"
+    text = yaml.safe_dump({"model": {"class_path": "lightning_modules.gar.GARModule",
+                                     "init_args": {"z_dim": 16, "base_channels": 12, "num_scales": 3, "residual": True,
+                                                   "disc_channels": 16, "lr_g": 0.002}}})
+    old.write_text(text)
+    override = tmp_path / "override.yaml"  # names no class: takes the earlier file's
+    override.write_text(yaml.safe_dump({"model": {"init_args": {"encoder_channels": 8}}}))
+    args = upgrade_config_args(["fit", "--config", str(old), f"--config={override}", "--trainer.max_steps=1"])
+    assert old.read_text() == text and args[0] == "fit" and args[-1] == "--trainer.max_steps=1"
+    model = yaml.safe_load(open(args[2]))["model"]["init_args"]
+    assert model["generator"] == {"class_path": "models.renderer.GARGenerator",
+                                  "init_args": {"base_channels": 12, "num_scales": 3, "residual": True}}
+    assert model["discriminator"]["init_args"] == {"base_channels": 16} and model["lr_g"] == 0.002
+    assert "base_channels" not in model and args[3].startswith("--config=") and args[3] != f"--config={override}"
+    encoder = yaml.safe_load(open(args[3][len("--config="):]))["model"]["init_args"]["encoder"]
+    assert encoder == {"class_path": "models.encoder.InverseEncoder", "init_args": {"base_channels": 8}}
+    assert "a config of the earlier layout" in capsys.readouterr().err
+    current = ["fit", "--config", "experiments/gar.yaml"]
+    assert upgrade_config_args(current) == current  # the current layout: untouched
