@@ -333,7 +333,7 @@ def run_ablation(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (default: the demo's selected teacher)")
-    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--out", default="runs/ablation", help="the folder of the runs and the table")
     parser.add_argument("--overrides", default="cpu_demo", choices=("cpu_demo", "tiny"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--video", default=None, help="the subject's video (default: the demo's clip)")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.retime:
         source = out / "ablation.json"
         if not source.is_file():
-            parser.error(f"{source} does not exist: run `python -m benchmarks.ablation` first")
+            parser.error(f"{source} does not exist: run `python -m benchmarks.ablation --out {out}` first")
         result = retime(json.loads(source.read_text()))
         source.write_text(json.dumps(result, indent=2) + "\n")
         (out / "ablation.md").write_text(format_ablation(result))
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_readme:
         source = out / "ablation.json"
         if not source.is_file():
-            parser.error(f"{source} does not exist: run `python -m benchmarks.ablation` first")
+            parser.error(f"{source} does not exist: run `python -m benchmarks.ablation --out {out}` first")
         print(write_readme(args.write_readme, json.loads(source.read_text())))
         return 0
     variants = [v for v in args.variants.split(",") if v]

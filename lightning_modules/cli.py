@@ -46,7 +46,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.handoff import UpstreamChangedError, class_from_path, pin_upstream, read_checkpoint
+from lightning_modules.handoff import (
+    NetworkEntryError,
+    UpstreamChangedError,
+    class_from_path,
+    pin_upstream,
+    read_checkpoint,
+)
 from lightning_modules.resume import PeriodicCheckpoint, RandomState
 from lightning_modules.run_folder import (
     RUN_DIR_ENV,
@@ -155,6 +161,20 @@ class AvatarCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
     # -- run folder ----------------------------------------------------------------------------
+    def instantiate_classes(self) -> None:
+        """Lightning's, with the project's own errors from a model's construction (a bad network entry, an
+        upstream checkpoint gone or changed) as one line, not under jsonargparse's union-type report."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, (NetworkEntryError, UpstreamChangedError,
+                                                                UpstreamMissingError)):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            self.parser.error(str(cause))
+
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub]
@@ -339,7 +359,9 @@ def run_cli(args: list[str] | None = None) -> AvatarCLI:
     Config files of the earlier layout are read in the current one (:func:`upgrade_config_args`)."""
     if args is None and len(sys.argv) == 1:
         sys.argv.append("--help")
-    args = upgrade_config_args(sys.argv[1:] if args is None else list(args))
+    if args is not None or upgrade_config_args(sys.argv[1:]) != sys.argv[1:]:
+        # LightningCLI reads sys.argv itself when given none (and warns when given both)
+        args = upgrade_config_args(sys.argv[1:] if args is None else list(args))
     before = _active_wandb_run()
     try:
         cli = AvatarCLI(args=args)

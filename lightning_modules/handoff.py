@@ -33,6 +33,7 @@ from lightning_modules.run_folder import UpstreamMissingError, upstream_checkpoi
 from models.codes import FrameCodeCorrections
 
 __all__ = [
+    "NetworkEntryError",
     "UpstreamChangedError",
     "build_model",
     "build_student",
@@ -205,6 +206,10 @@ def load_teacher(
 DEFAULT_STUDENT = "models.student.Student"
 
 
+class NetworkEntryError(ValueError, TypeError):
+    """A network entry (``{class_path, init_args}``) that cannot be built as given; the message says what to change."""
+
+
 def spec_parts(spec: Mapping[str, Any] | None, default: str, role: str = "model",
                bare_args: bool = False) -> tuple[str, dict[str, Any]]:
     """``(class_path, init_args)`` of a network entry as :func:`build_model` reads it: keys beside
@@ -221,7 +226,7 @@ def spec_parts(spec: Mapping[str, Any] | None, default: str, role: str = "model"
     """
     spec = dict(spec or {})
     if spec and "class_path" not in spec and ("init_args" in spec or not bare_args):
-        raise ValueError(f"the {role} entry has no class_path (a later config replaces a network entry as a whole): "
+        raise NetworkEntryError(f"the {role} entry has no class_path (a later config replaces a network entry as a whole): "
                          f"give its class_path and every init arg it needs in the last config")
     if "class_path" not in spec:
         return default, spec
@@ -253,15 +258,21 @@ def build_model(spec: Mapping[str, Any] | None, default: str, injected: Mapping[
         ValueError: ``init_args`` setting an injected arg to another value than the stage's.
     """
     class_path, init_args = spec_parts(spec, default, role, bare_args)
-    cls = class_from_path(class_path)
+    try:
+        cls = class_from_path(class_path)
+    except ImportError as err:
+        raise NetworkEntryError(f"{role}: {err}") from None
     if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-        raise TypeError(f"{role} class_path {class_path!r} is not a {class_path_of(base)} subclass")
+        raise NetworkEntryError(f"{role} class_path {class_path!r} is not a {class_path_of(base)} subclass")
     for key, value in injected.items():
         if key in init_args and init_args[key] != value:
-            raise ValueError(f"{role}.init_args.{key}={init_args[key]!r} disagrees with the stage's {value!r} "
+            raise NetworkEntryError(f"{role}.init_args.{key}={init_args[key]!r} disagrees with the stage's {value!r} "
                              f"(set by the stage): remove it from the {role} entry")
     init_args.update(injected)
-    model = cls(**init_args)
+    try:
+        model = cls(**init_args)
+    except TypeError as err:  # an init arg the class does not take (or lacks)
+        raise NetworkEntryError(f"{role} ({class_path}): {err}") from None
     model.spec = {"class_path": class_path, "init_args": init_args}
     return model
 

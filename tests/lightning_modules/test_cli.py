@@ -232,3 +232,21 @@ def test_a_config_of_the_earlier_layout_is_read_into_the_network_entries(tmp_pat
     assert "a config of the earlier layout" in capsys.readouterr().err
     current = ["fit", "--config", "experiments/gar.yaml"]
     assert upgrade_config_args(current) == current  # the current layout: untouched
+
+
+def test_a_bad_network_entry_is_one_line(tmp_path, capsys):
+    """A network entry the stage cannot build (an injected size that disagrees, a class that does not
+    take an init arg) ends the CLI with the project's one-line message, not jsonargparse's report."""
+    from tests.conftest import EXPERIMENTS, TINY_MESH
+
+    common = ["fit", "--config", str(EXPERIMENTS / "teacher.yaml"), "--config", str(TINY_MESH),
+              "--runs_root", str(tmp_path)]
+    for flag, message in (("--model.init_args.teacher.expression_dim=7",
+                           "error: teacher.init_args.expression_dim=7 disagrees with the stage's 4"),
+                          ("--model.init_args.teacher.width=7",
+                           "error: teacher (models.teacher.PointAvatarTeacher): ")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli([*common, flag])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(message) and not any("Traceback" in line for line in err)
