@@ -52,16 +52,6 @@ DEMO_RUN = Path("runs") / "demo" / "gar" / "latest"
 DEVICE_BASE_CHANNELS = 12  # experiments/overrides/gar_device.yaml
 
 
-def _point_frame(canonical, radius, shading, size: int, exportable: bool) -> PointFrame:
-    return PointFrame(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals,
-                      canonical.albedo, radius, shading, size, exportable=exportable).eval()
-
-
-def _gar_frame(canonical, radius, shading, generator, size: int, exportable: bool) -> GARFrame:
-    return GARFrame(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.feature,
-                    canonical.albedo, radius, shading, generator, size, exportable=exportable).eval()
-
-
 def random_cloud(num_points: int, num_frames: int = 4, expression_dim: int = 16, seed: int = 0) -> dict:
     """Default-size teacher, student and both generators with random weights on ``num_points`` sphere points."""
     torch.manual_seed(seed)
@@ -123,20 +113,21 @@ def _frames(cloud: dict, size: int) -> list[tuple[torch.Tensor, torch.Tensor, to
 
 
 def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Path, options) -> tuple[float, float]:
-    """Seconds per frame of ``make(False)`` in PyTorch and of ``make(True)`` exported to ``path`` in ONNX Runtime."""
+    """Seconds per frame of ``make(exportable=False)`` in PyTorch and of ``make(exportable=True)`` exported to
+    ``path`` in ONNX Runtime."""
     import onnxruntime as ort
 
     from lightning_modules.export import export_graph
 
-    eager, extra = make(False), ((z,) if z is not None else ())
+    eager, extra = make(exportable=False).eval(), ((z,) if z is not None else ())
     with torch.no_grad():
         torch_s = seconds_per_frame(lambda e, w, k: eager(e, w, k, *extra), frames, repeats)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on the input checks
         if z is not None:
-            export_graph(make(True), z.reshape(-1), path)
+            export_graph(make(exportable=True).eval(), z.reshape(-1), path)
         else:
-            torch.onnx.export(make(True), frames[0], str(path), dynamo=False, opset_version=18,
+            torch.onnx.export(make(exportable=True).eval(), frames[0], str(path), dynamo=False, opset_version=18,
                               input_names=["expression", "world_mat", "K"], output_names=["rgb"])
     session = ort.InferenceSession(str(path), options)
 
@@ -185,11 +176,11 @@ def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path
                 if generator is None or size % 2 ** (generator.num_scales - 1):
                     continue
                 student, canonical, radius = cloud["student"]
-                make = functools.partial(_gar_frame, canonical, radius, student.shading, generator, size)
+                make = functools.partial(GARFrame.from_canonical, canonical, radius, student.shading, generator, size)
                 z = cloud["z"][row]
             else:
                 model, canonical, radius = cloud[row]
-                make, z = functools.partial(_point_frame, canonical, radius, model.shading, size), None
+                make, z = functools.partial(PointFrame.from_canonical, canonical, radius, model.shading, size), None
             path = tmp / f"{row}_{size}.onnx"
             torch_s, ort_s = _time_row(make, z, frames, repeats, path, options)
             r = {"cloud": cloud["name"], "model": row, "size": size, "torch_ms": 1000 * torch_s,

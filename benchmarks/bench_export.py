@@ -55,9 +55,8 @@ from lightning_modules.export import (
     load_datamodule,
     load_gar_module,
 )
-from models.camera import pixel_radius
 from models.rasterizer import rasterize_points
-from models.renderer import GARFrame, GARGenerator
+from models.renderer import GARFrame, GARGenerator, PointFrame
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
@@ -105,11 +104,8 @@ def random_setup(num_points: int, image_size: int, num_frames: int, expression_d
     frames = [(expressions[i : i + 1], world_mats[i : i + 1], Ks[i : i + 1]) for i in range(num_frames)]
     with torch.no_grad():
         canonical = student.canonical()
-    graph = GARFrame(
-        canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.feature,
-        canonical.albedo, student.radius, student.shading, generator, image_size, points_per_pixel=10,
-        exportable=True,
-    ).eval()
+    graph = GARFrame.from_canonical(canonical, student.radius, student.shading, generator, image_size,
+                                    exportable=True).eval()
     teacher = _teacher_frame(points, radius, expression_dim, image_size)
     return graph, torch.zeros(sizes["z_dim"]), teacher, frames
 
@@ -129,20 +125,13 @@ def run_setup(run_dir: str, num_frames: int):
     return graph, module.z_mean.clone(), teacher, frames
 
 
-def _teacher_frame(points: torch.Tensor, radius: float, expression_dim: int, image_size: int):
-    """The teacher's per-frame path (deform, shade, rasterize) from its cached canonical outputs."""
+def _teacher_frame(points: torch.Tensor, radius: float, expression_dim: int, image_size: int) -> PointFrame:
+    """The teacher's per-frame path (deform, shade, rasterize; :class:`models.renderer.PointFrame`) from its
+    cached canonical outputs: a callable (expression, world_mat, K) -> image."""
     teacher = PointAvatarTeacher(expression_dim=expression_dim).eval()
     with torch.no_grad():
         canonical = teacher.canonical(points, compute_normals=True, method="explicit")
-    radius_t = torch.tensor(radius)
-
-    @torch.no_grad()
-    def render(expression: torch.Tensor, world_mat: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        out = teacher(expression, world_mat, canonical=canonical)
-        r_px = pixel_radius(out["points"], world_mat, K, radius_t)
-        return rasterize_points(out["points"], out["colors"], world_mat, K, image_size, r_px, 10, background=1.0).image
-
-    return render
+    return PointFrame.from_canonical(canonical, torch.tensor(radius), teacher.shading, image_size).eval()
 
 
 class _Generator(torch.nn.Module):

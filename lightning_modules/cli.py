@@ -343,11 +343,12 @@ def upgrade_config_args(args: list[str]) -> list[str]:
         if not isinstance(model, dict):
             continue
         init_args = model.get("init_args") or {}
-        if upgrade is None or upgrade(init_args) == init_args:
+        upgraded = upgrade(init_args) if upgrade is not None else init_args
+        if upgraded == init_args:
             continue
         copy_path = Path(tempfile.mkdtemp(prefix="avatar-config-")) / Path(path).name
-        copy_path.write_text(yaml.safe_dump({**config, "model": {**model, "init_args": upgrade(init_args)}}, sort_keys=False))
-        moved = sorted(set(init_args) - set(upgrade(init_args)))
+        copy_path.write_text(yaml.safe_dump({**config, "model": {**model, "init_args": upgraded}}, sort_keys=False))
+        moved = sorted(set(init_args) - set(upgraded))
         sys.stderr.write(f"{path}: a config of the earlier layout; read with {', '.join(moved)} moved into the "
                          f"network entries (save the run's new config.yaml to keep the current layout)\n")
         out[i + 1 if arg == "--config" else i] = str(copy_path) if arg == "--config" else f"--config={copy_path}"
@@ -359,9 +360,9 @@ def run_cli(args: list[str] | None = None) -> AvatarCLI:
     Config files of the earlier layout are read in the current one (:func:`upgrade_config_args`)."""
     if args is None and len(sys.argv) == 1:
         sys.argv.append("--help")
-    if args is not None or upgrade_config_args(sys.argv[1:]) != sys.argv[1:]:
-        # LightningCLI reads sys.argv itself when given none (and warns when given both)
-        args = upgrade_config_args(sys.argv[1:] if args is None else list(args))
+    upgraded = upgrade_config_args(sys.argv[1:] if args is None else list(args))
+    # LightningCLI reads sys.argv itself when given no args (and warns when given both)
+    args = None if args is None and upgraded == sys.argv[1:] else upgraded
     before = _active_wandb_run()
     try:
         cli = AvatarCLI(args=args)

@@ -18,11 +18,13 @@ holds the trained parts: the frozen ``student`` and its cached canonical outputs
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lightning_modules import point_rows
 from lightning_modules.metrics import (
     composite_on_white,
     invert_codes,
@@ -31,7 +33,6 @@ from lightning_modules.metrics import (
     time_per_frame,
 )
 from lightning_modules.stage import Row
-from models.camera import pixel_radius
 from models.frame import check_expression
 from models.gan_losses import discriminator_accuracy
 from models.rasterizer import rasterize_points
@@ -77,10 +78,9 @@ class GARRendering:
         """The one frame path (:class:`models.renderer.GARFrame`) on the student's cached outputs with
         ``generator`` (default: the EMA copy, what every evaluated row and the export render with);
         ``exportable``: with the export-friendly rasterizer (:func:`lightning_modules.export.frame_graph`)."""
-        c = self.student_canonical()
-        return GARFrame(c.points, c.offset, c.blendshapes, c.normals, c.feature, c.albedo, self.student.radius,
-                        self.student.shading, self.generator_ema if generator is None else generator,
-                        image_size or self.hparams.image_size, self.hparams.points_per_pixel, exportable)
+        return GARFrame.from_canonical(self.student_canonical(), self.student.radius, self.student.shading,
+                                       self.generator_ema if generator is None else generator,
+                                       image_size or self.hparams.image_size, self.hparams.points_per_pixel, exportable)
 
     def raster_inputs(self, batch, expression: torch.Tensor, features: str = "real") -> GeneratorInputs:
         """The generator's inputs for a batch posed by ``expression`` (B, E) (:meth:`GARFrame.raster_inputs`),
@@ -97,10 +97,9 @@ class GARRendering:
     @torch.no_grad()
     def render_student(self, batch) -> torch.Tensor:
         """The student's rasterized colours (B, 3, H, W) on white, with the tracked expression."""
-        out = self.student(batch.expression, batch.world_mat, canonical=self.student_canonical())
-        r_px = pixel_radius(out["points"], batch.world_mat, batch.K, self.student.radius)
-        return rasterize_points(out["points"], out["colors"], batch.world_mat, batch.K, batch.image.shape[-2:], r_px,
-                                self.hparams.points_per_pixel, background=1.0).image
+        rasterize = functools.partial(rasterize_points, image_size=batch.image.shape[-2:],
+                                      points_per_pixel=self.hparams.points_per_pixel, background=1.0)
+        return point_rows.render(self.student, rasterize, batch, self.student_canonical())[1].image
 
     @torch.no_grad()
     def render_meanz(self, batch, features: str = "real") -> torch.Tensor:

@@ -42,6 +42,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from lightning_modules.flops import multiply_adds  # re-exported: the refined rows' FLOP counter
 from models.camera import axis_angle_to_matrix
+from models.losses import composite_on_white, masked_l1, ssim_loss  # composite_on_white: re-exported
 
 __all__ = [
     "BASELINES",
@@ -81,11 +82,6 @@ def metric_key(model: str, protocol: str, split: str, region: str, metric: str) 
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; known: {list(REGIONS)}")
     return f"{model}/{protocol}/{split}/{region}/{metric}"
-
-
-def composite_on_white(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """image * mask + (1 - mask): (B, 3, H, W) in [0, 1] with a (B, 1, H, W) mask -> (B, 3, H, W)."""
-    return image * mask + (1.0 - mask)
 
 
 # -- baselines ---------------------------------------------------------------------------------------
@@ -336,8 +332,6 @@ def invert_codes(
     Returns:
         z (B, Z) and expression (B, E), detached, float32.
     """
-    from models.losses import masked_l1, ssim_loss
-
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(target.device.type, enabled=False):
         target, inputs = target.detach().clone().float(), _clone_tree(tuple(inputs))
         z = z.detach().float().clone().requires_grad_(True)

@@ -17,6 +17,7 @@ from models.ops import gather
 
 __all__ = [
     "blendshape_regularization",
+    "composite_on_white",
     "eikonal_loss",
     "gaussian_ssim",
     "masked_l1",
@@ -24,6 +25,12 @@ __all__ = [
     "sdf_consistency_loss",
     "ssim_loss",
 ]
+
+
+def composite_on_white(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """image * mask + (1 - mask): (B, 3, H, W) in [0, 1] with a (B, 1, H, W) mask -> (B, 3, H, W), the frame
+    on white under its mask (what every render on white is compared with)."""
+    return image * mask + (1.0 - mask)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -585,7 +592,7 @@ def ground_truth_loss(
     Returns:
         ``rgb``, ``mask``, (``ssim``) and their weighted sum ``total``: scalars.
     """
-    target = image * mask + (1.0 - mask)  # the frame on white under its mask
+    target = composite_on_white(image, mask)
     terms = {"rgb": masked_l1(rgb, target), "mask": mask_loss(alpha, mask)}
     if weights["ssim"] > 0:
         terms["ssim"] = ssim_loss(rgb, target)

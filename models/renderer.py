@@ -510,6 +510,14 @@ class GARFrame(nn.Module):
         self.shading, self.generator = shading, generator
         self.image_size, self.points_per_pixel, self.exportable = int(image_size), int(points_per_pixel), exportable
 
+    @classmethod
+    def from_canonical(cls, canonical, radius: Tensor, shading: nn.Module, generator: GARGenerator, image_size: int,
+                       points_per_pixel: int = 10, exportable: bool = False) -> GARFrame:
+        """The frame of a student's canonical outputs (``points``, ``offset``, ``blendshapes``, ``normals``,
+        ``feature``, ``albedo``); the other arguments as the constructor's."""
+        return cls(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.feature,
+                   canonical.albedo, radius, shading, generator, image_size, points_per_pixel, exportable)
+
     @property
     def expression_dim(self) -> int:
         """E, the expression code size."""
@@ -581,6 +589,14 @@ class PointFrame(nn.Module):
         self.register_buffer("radius", torch.as_tensor(radius).reshape(()))
         self.shading = shading
         self.image_size, self.points_per_pixel, self.exportable = int(image_size), int(points_per_pixel), exportable
+
+    @classmethod
+    def from_canonical(cls, canonical, radius: Tensor, shading: nn.Module, image_size: int,
+                       points_per_pixel: int = 10, exportable: bool = False) -> PointFrame:
+        """The frame of a model's canonical outputs (``points``, ``offset``, ``blendshapes``, ``normals``,
+        ``albedo``: the teacher's or a student's); the other arguments as the constructor's."""
+        return cls(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.albedo,
+                   radius, shading, image_size, points_per_pixel, exportable)
 
     @property
     def expression_dim(self) -> int:

@@ -51,7 +51,8 @@ def test_point_frame_is_the_students_render(student_and_frames):
 
 
 def test_point_frame_in_onnx_runtime(student_and_frames, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort  # a dependency of the package (pyproject.toml)
+
     student, canonical, expression, world_mat, K = student_and_frames
     frame = _frame(student, canonical, exportable=True)
     path = tmp_path / "frame.onnx"
