@@ -127,7 +127,7 @@ class GARModule(GARTraining, GARRendering, Stage):
                    "disc_channels": ("discriminator", "base_channels"), "disc_scales": ("discriminator", "num_scales"),
                    "encoder_channels": ("encoder", "base_channels")}
     #: generator init args that change its output but not its weights: a checkpoint must be reloaded with its own
-    OUTPUT_ARGS = {"activation_gain": 1.0, "residual_space": "logit", "residual": False}
+    OUTPUT_ARGS = {"activation_gain": 1.0, "residual_space": "logit", "residual": False, "input_pyramid": "rasterized"}
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ asked for a CPU demo). ``up`` is bilinear x2, ``avgpool`` a 2x2 mean.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -58,10 +59,11 @@ from torch import Tensor, nn
 from models.camera import pixel_radius, rotate_normals
 from models.frame import deform_points, shade_points
 from models.rasterizer import rasterize_points, rasterize_points_exportable
+from models.tile_rasterizer import rasterize_points_tiled, required_tile_capacity
 
 __all__ = [
     "GARFrame", "GARGenerator", "GeneratorInputs", "MappingNetwork", "ModulatedConv2d", "ema_update", "generator_inputs",
-    "pack_raster_inputs", "PointFrame",
+    "pack_raster_inputs", "PointFrame", "plan_capacity",
 ]
 
 _LEAK = 0.2
@@ -121,7 +123,7 @@ def generator_inputs(
     radius: Tensor,
     points_per_pixel: int = 10,
     colors: Tensor | None = None,
-    rasterize: Callable = rasterize_points,
+    rasterize: Callable | Sequence[Callable] = rasterize_points,
 ) -> GeneratorInputs:
     """The generator's inputs: [f_s, camera-space normal] rasterized at ``num_scales`` sizes (NPBG).
 
@@ -142,7 +144,9 @@ def generator_inputs(
         radius: () splat radius in world units.
         points_per_pixel: rasterizer setting.
         colors: optional (B, N, 3) colours for the base image.
-        rasterize: :func:`models.rasterizer.rasterize_points` or its exportable form.
+        rasterize: :func:`models.rasterizer.rasterize_points`, its exportable form or the tile rasterizer
+            (:func:`models.tile_rasterizer.rasterize_points_tiled` with its settings bound), or a list
+            of ``num_scales`` of them, one per scale.
 
     Returns:
         :class:`GeneratorInputs`.
@@ -152,14 +156,17 @@ def generator_inputs(
     c = latent.shape[-1]
     features = torch.cat([latent, normals_cam], -1)  # (B, N, C_s + 3)
     h, w = int(image_size[0]), int(image_size[1])
+    rasterizers = list(rasterize) if isinstance(rasterize, (list, tuple)) else [rasterize] * num_scales
+    if len(rasterizers) != num_scales:
+        raise ValueError(f"rasterize must be one rasterizer or one per scale ({num_scales}), got {len(rasterizers)}")
     inputs, normal_map, alpha, base = [], None, None, None
     for s in range(num_scales):
         K_s = K.clone()
         K_s[:, :2] = K_s[:, :2] / 2**s
         r_px = pixel_radius(points, world_mat, K_s, radius)  # (B, N)
         channels = torch.cat([features, colors], -1) if s == 0 and colors is not None else features
-        out = rasterize(points, channels, world_mat, K_s, (h // 2**s, w // 2**s), r_px, points_per_pixel,
-                        background=0.0)
+        out = rasterizers[s](points, channels, world_mat, K_s, (h // 2**s, w // 2**s), r_px, points_per_pixel,
+                             background=0.0)
         inputs.append(pack_raster_inputs(out.image[:, :c], out.image[:, c : c + 3], out.alpha))
         if s == 0:
             normal_map, alpha = out.image[:, c : c + 3], out.alpha
@@ -323,10 +330,16 @@ class GARGenerator(nn.Module):
             demodulated convolutions; at 1.0 (the first version, kept for its checkpoints) each layer
             roughly halves the variance, the decoder's output is ~1/40 of its input's scale, and
             Adam's steps on ``to_rgb`` barely move the image (G learnt almost nothing in a CPU demo).
+        input_pyramid: where the inputs of the lower levels come from. ``"rasterized"`` (NPBG, the
+            default): one rasterization per scale, ``num_scales`` inputs. ``"pooled"``: one input at
+            full size, and level s takes its 2x2 average-pooled copy at 1/2^s: a device rasterizes once
+            instead of ``num_scales`` times (the channels are premultiplied by alpha on a zero
+            background, so pooling is the alpha-weighted downsample; our choice, for the device path).
 
     Shapes:
-        inputs: list of ``num_scales`` tensors, inputs[s] (B, C_s + 4, H / 2^s, W / 2^s) float,
-        channels [f_s, camera-space normal (3), alpha (1)] (:func:`pack_raster_inputs`);
+        inputs: list of :attr:`input_scales` tensors (``num_scales``, or 1 when pooled), inputs[s]
+        (B, C_s + 4, H / 2^s, W / 2^s) float, channels [f_s, camera-space normal (3), alpha (1)]
+        (:func:`pack_raster_inputs`);
         z: (B, z_dim); base: (B, 3, H, W) in [0, 1], required when ``residual``, else None.
         Output: (B, 3, H, W) RGB in (0, 1) (sigmoid).
 
@@ -347,10 +360,16 @@ class GARGenerator(nn.Module):
         residual: bool = False,
         residual_space: str = "logit",
         activation_gain: float = 1.0,
+        input_pyramid: str = "rasterized",
     ) -> None:
         super().__init__()
         if residual_space not in ("logit", "rgb"):
             raise ValueError(f"residual_space must be 'logit' or 'rgb', got {residual_space!r}")
+        if input_pyramid not in ("rasterized", "pooled"):
+            raise ValueError(f"input_pyramid must be 'rasterized' or 'pooled', got {input_pyramid!r}")
+        self.input_pyramid = input_pyramid
+        #: how many rasterized inputs :meth:`forward` takes (``num_scales``, or 1 when pooled)
+        self.input_scales = num_scales if input_pyramid == "rasterized" else 1
         if feature_channels < 1 or z_dim < 1 or num_scales < 1 or base_channels < 1 or w_dim < 1:
             raise ValueError(
                 "feature_channels, z_dim, num_scales, base_channels and w_dim must be positive, got "
@@ -375,9 +394,10 @@ class GARGenerator(nn.Module):
             nn.init.zeros_(self.to_rgb.weight)  # start as the base image
 
     def _check(self, inputs: Sequence[Tensor], z: Tensor, base: Tensor | None = None) -> None:
-        if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_scales:
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != self.input_scales:
             got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
-            raise ValueError(f"inputs must be a list of {self.num_scales} maps (one per scale), got {got}")
+            what = "one per scale" if self.input_pyramid == "rasterized" else "the full-size one: input_pyramid='pooled'"
+            raise ValueError(f"inputs must be a list of {self.input_scales} maps ({what}), got {got}")
         x0 = inputs[0]
         if x0.dim() != 4 or x0.shape[1] != self.in_channels:
             raise ValueError(
@@ -406,6 +426,10 @@ class GARGenerator(nn.Module):
 
     def forward(self, inputs: Sequence[Tensor], z: Tensor, base: Tensor | None = None) -> Tensor:
         self._check(inputs, z, base)
+        if self.input_pyramid == "pooled":
+            inputs = list(inputs)
+            while len(inputs) < self.num_scales:
+                inputs.append(F.avg_pool2d(inputs[-1], 2))  # (B, C_s + 4, H / 2^s, W / 2^s)
         w = self.mapping(z)  # (B, w_dim)
         skips = []
         x = inputs[0]
@@ -461,7 +485,71 @@ def ema_update(ema_module: nn.Module, module: nn.Module, decay: float) -> None:
         ema_bufs[name].copy_(b)
 
 
-class GARFrame(nn.Module):
+def plan_capacity(required: int, margin: float = 1.25, multiple: int = 8) -> int:
+    """A tile capacity for :func:`models.tile_rasterizer.rasterize_points_tiled`: ``required`` (the
+    smallest exact one on the frames planned on, :func:`~models.tile_rasterizer.required_tile_capacity`)
+    times ``margin`` for poses not planned on, rounded up to a multiple of ``multiple``.
+
+    Raises:
+        ValueError: ``required < 1``, ``margin < 1`` or ``multiple < 1``.
+    """
+    if required < 1 or margin < 1 or multiple < 1:
+        raise ValueError(f"need required >= 1, margin >= 1 and multiple >= 1, got {required}, {margin}, {multiple}")
+    return -(-math.ceil(required * margin) // multiple) * multiple
+
+
+class _Rasterizes:
+    """The rasterizer choice of the frame modules: the fragment rasterizer (eager, or its exportable
+    form) or, with ``tile_capacity`` set (one per scale), the tile rasterizer, in eager and export alike."""
+
+    num_scales = 1
+    tile_capacity: list[int] | None
+    tile_size: int | None
+    exportable: bool
+
+    def _set_tiles(self, tile_capacity: Sequence[int] | None, tile_size: int | None) -> None:
+        if tile_capacity is not None:
+            tile_capacity = [int(c) for c in tile_capacity]
+            if len(tile_capacity) != self.num_scales or min(tile_capacity) < 1:
+                raise ValueError(f"tile_capacity must be {self.num_scales} positive ints (one per scale), "
+                                 f"got {tile_capacity}")
+        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+            raise ValueError(f"tile_size must be a positive int or None (by image size), got {tile_size!r}")
+        self.tile_capacity, self.tile_size = tile_capacity, tile_size
+
+    def rasterizers(self) -> list[Callable]:
+        """One rasterizer per scale."""
+        if self.tile_capacity is not None:
+            return [functools.partial(rasterize_points_tiled, tile_size=self.tile_size, tile_capacity=c)
+                    for c in self.tile_capacity]
+        return [rasterize_points_exportable if self.exportable else rasterize_points] * self.num_scales
+
+    @torch.no_grad()
+    def required_capacity(self, expression: Tensor, world_mat: Tensor, K: Tensor, chunk: int = 8) -> list[int]:
+        """Per scale, the smallest tile capacity that renders these frames exactly
+        (:func:`models.tile_rasterizer.required_tile_capacity`, ``chunk`` frames at a time).
+
+        Args:
+            expression (B, E), world_mat (B, 3, 4), K (B, 3, 3): the frames, K at full size.
+
+        Returns:
+            one int per scale.
+        """
+        need = [1] * self.num_scales
+        for i in range(0, expression.shape[0], chunk):
+            e, w, k = expression[i : i + chunk], world_mat[i : i + chunk, :3], K[i : i + chunk]
+            points = deform_points(self.points, self.offset, self.blendshapes, e)
+            for s in range(self.num_scales):
+                k_s = k.clone()
+                k_s[:, :2] = k_s[:, :2] / 2**s
+                size = self.image_size // 2**s
+                r_px = pixel_radius(points, w, k_s, self.radius)
+                need[s] = max(need[s], required_tile_capacity(points, w, k_s, size, r_px, self.points_per_pixel,
+                                                              tile_size=self.tile_size)[0])
+        return need
+
+
+class GARFrame(_Rasterizes, nn.Module):
     """One frame of the GAR from the student's cached canonical outputs: deform by the expression,
     shade (a residual G's base image), rasterize [f_s, camera-space normal] at every scale, generate.
 
@@ -480,6 +568,12 @@ class GARFrame(nn.Module):
         image_size: S, the square output size (a multiple of 2^(num_scales - 1)).
         points_per_pixel: rasterizer setting.
         exportable: rasterize with :func:`models.rasterizer.rasterize_points_exportable` (ONNX).
+        tile_capacity: one capacity per scale: rasterize with the tile rasterizer
+            (:func:`models.tile_rasterizer.rasterize_points_tiled`, the fast exported path; exact while
+            no tile needs more, :meth:`required_capacity`), in eager mode and in the export alike;
+            None (default): the fragment rasterizer.
+        tile_size: the tile rasterizer's tile side in pixels at every scale; None (default): by each
+            scale's size (:func:`models.tile_rasterizer.default_tile_size`).
 
     Shapes:
         forward(expression (B, E), world_mat (B, 3, 4), K (B, 3, 3), z (B, z_dim)) -> (B, 3, S, S)
@@ -491,7 +585,8 @@ class GARFrame(nn.Module):
 
     def __init__(self, points: Tensor, offset: Tensor, blendshapes: Tensor, normals: Tensor, feature: Tensor,
                  albedo: Tensor, radius: Tensor, shading: nn.Module, generator: GARGenerator, image_size: int,
-                 points_per_pixel: int = 10, exportable: bool = False) -> None:
+                 points_per_pixel: int = 10, exportable: bool = False, tile_capacity: Sequence[int] | None = None,
+                 tile_size: int | None = None) -> None:
         super().__init__()
         n = points.shape[0]
         for name, t, shape in (("points", points, (n, 3)), ("offset", offset, (n, 3)), ("normals", normals, (n, 3)),
@@ -509,14 +604,17 @@ class GARFrame(nn.Module):
         self.register_buffer("radius", torch.as_tensor(radius).reshape(()))
         self.shading, self.generator = shading, generator
         self.image_size, self.points_per_pixel, self.exportable = int(image_size), int(points_per_pixel), exportable
+        self.num_scales = generator.input_scales  # the scales it rasterizes
+        self._set_tiles(tile_capacity, tile_size)
 
     @classmethod
     def from_canonical(cls, canonical, radius: Tensor, shading: nn.Module, generator: GARGenerator, image_size: int,
-                       points_per_pixel: int = 10, exportable: bool = False) -> GARFrame:
+                       points_per_pixel: int = 10, exportable: bool = False, **tiles) -> GARFrame:
         """The frame of a student's canonical outputs (``points``, ``offset``, ``blendshapes``, ``normals``,
-        ``feature``, ``albedo``); the other arguments as the constructor's."""
+        ``feature``, ``albedo``); the other arguments as the constructor's (``tiles``: ``tile_capacity``,
+        ``tile_size``)."""
         return cls(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.feature,
-                   canonical.albedo, radius, shading, generator, image_size, points_per_pixel, exportable)
+                   canonical.albedo, radius, shading, generator, image_size, points_per_pixel, exportable, **tiles)
 
     @property
     def expression_dim(self) -> int:
@@ -530,16 +628,16 @@ class GARFrame(nn.Module):
         Args:
             expression, world_mat, K: (B, E), (B, 3, 4), (B, 3, 3).
             feature: (N, C_s) point features to rasterize instead of the held f_s (the feature ablation).
-            rasterize: the rasterizer (default by ``exportable``).
+            rasterize: the rasterizer, or one per scale (default :meth:`rasterizers`).
         """
         points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
         normals_cam = rotate_normals(self.normals, world_mat)  # (B, N, 3)
         colors = shade_points(self.shading, self.normals, self.albedo, world_mat)[0] if self.generator.residual else None
         if rasterize is None:
-            rasterize = rasterize_points_exportable if self.exportable else rasterize_points
+            rasterize = self.rasterizers()
         return generator_inputs(
             points, self.feature if feature is None else feature, normals_cam, world_mat, K,
-            (self.image_size, self.image_size), self.generator.num_scales, self.radius, self.points_per_pixel,
+            (self.image_size, self.image_size), self.generator.input_scales, self.radius, self.points_per_pixel,
             colors, rasterize=rasterize,
         )
 
@@ -548,7 +646,7 @@ class GARFrame(nn.Module):
         return self.generator(inputs.inputs, z, inputs.base)
 
 
-class PointFrame(nn.Module):
+class PointFrame(_Rasterizes, nn.Module):
     """One frame of a rasterized point avatar (the teacher's or a student's per-frame path) from its
     cached canonical outputs: deform by the expression, shade for the camera, rasterize the colours
     on white. What the teacher and distillation stages render per frame, as one module a runtime can
@@ -563,6 +661,8 @@ class PointFrame(nn.Module):
         image_size: S, the square output size.
         points_per_pixel: rasterizer setting.
         exportable: rasterize with :func:`models.rasterizer.rasterize_points_exportable` (ONNX).
+        tile_capacity: ``[capacity]``: rasterize with the tile rasterizer, as :class:`GARFrame`.
+        tile_size: the tile rasterizer's tile side in pixels; None (default): by the image size.
 
     Shapes:
         forward(expression (B, E), world_mat (B, 3, 4), K (B, 3, 3)) -> (B, 3, S, S) RGB in [0, 1].
@@ -573,7 +673,8 @@ class PointFrame(nn.Module):
 
     def __init__(self, points: Tensor, offset: Tensor, blendshapes: Tensor, normals: Tensor, albedo: Tensor,
                  radius: Tensor, shading: nn.Module, image_size: int, points_per_pixel: int = 10,
-                 exportable: bool = False) -> None:
+                 exportable: bool = False, tile_capacity: Sequence[int] | None = None,
+                 tile_size: int | None = None) -> None:
         super().__init__()
         n = points.shape[0]
         for name, t in (("offset", offset), ("normals", normals), ("albedo", albedo), ("points", points)):
@@ -589,14 +690,16 @@ class PointFrame(nn.Module):
         self.register_buffer("radius", torch.as_tensor(radius).reshape(()))
         self.shading = shading
         self.image_size, self.points_per_pixel, self.exportable = int(image_size), int(points_per_pixel), exportable
+        self._set_tiles(tile_capacity, tile_size)
 
     @classmethod
     def from_canonical(cls, canonical, radius: Tensor, shading: nn.Module, image_size: int,
-                       points_per_pixel: int = 10, exportable: bool = False) -> PointFrame:
+                       points_per_pixel: int = 10, exportable: bool = False, **tiles) -> PointFrame:
         """The frame of a model's canonical outputs (``points``, ``offset``, ``blendshapes``, ``normals``,
-        ``albedo``: the teacher's or a student's); the other arguments as the constructor's."""
+        ``albedo``: the teacher's or a student's); the other arguments as the constructor's (``tiles``:
+        ``tile_capacity``, ``tile_size``)."""
         return cls(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.albedo,
-                   radius, shading, image_size, points_per_pixel, exportable)
+                   radius, shading, image_size, points_per_pixel, exportable, **tiles)
 
     @property
     def expression_dim(self) -> int:
@@ -607,6 +710,5 @@ class PointFrame(nn.Module):
         points = deform_points(self.points, self.offset, self.blendshapes, expression)  # (B, N, 3)
         colors = shade_points(self.shading, self.normals, self.albedo, world_mat)[0]  # (B, N, 3)
         r_px = pixel_radius(points, world_mat, K, self.radius)  # (B, N)
-        rasterize = rasterize_points_exportable if self.exportable else rasterize_points
-        return rasterize(points, colors, world_mat, K, (self.image_size, self.image_size), r_px,
-                         self.points_per_pixel, background=1.0).image
+        return self.rasterizers()[0](points, colors, world_mat, K, (self.image_size, self.image_size), r_px,
+                                     self.points_per_pixel, background=1.0).image
