@@ -1,7 +1,8 @@
 """The per-frame budget: what one frame costs a device, for every form of the avatar, in one run.
 
 Run ``python -m benchmarks.bench_budget [--run-dir GAR_RUN] [--device-run-dir GAR_RUN] [--sizes 64,128,256]
-[--points 10000] [--threads 2] [--frames 4] [--repeats 3] [--out runs/bench/budget.json]``.
+[--points 10000] [--threads 2] [--frames 4] [--repeats 3] [--rasterizer tiles|fragments|both]
+[--device-pyramid rasterized|pooled] [--out runs/bench/budget.json]``.
 
 Rows (B = 1; canonical outputs cached, as a device holds them):
 
@@ -12,7 +13,9 @@ Rows (B = 1; canonical outputs cached, as a device holds them):
 - ``student+gar_device``: the same with the device-size generator (``experiments/overrides/gar_device.yaml``).
 
 Each at every ``--sizes`` (S x S) in eager PyTorch (``rasterize_points``) and in ONNX Runtime (the
-graph exported with ``exportable=True``, ``intra_op_num_threads = --threads``), on two clouds: the
+graph exported with ``exportable=True``, ``intra_op_num_threads = --threads``; ``--rasterizer``: the
+tile rasterizer planned on the timed frames as the export plans on a run's (default), the fragment
+rasterizer's exportable form, or both side by side), on two clouds: the
 demo avatar (``--run-dir``, default ``runs/demo/gar/latest`` when ``make demo`` made it: a GAR run,
 its student, its teacher through the run's pinned upstreams, and ``--device-run-dir``'s generator,
 default the run's ``-device`` twin; the test frames' cameras, K scaled to S) and ``--points``
@@ -42,18 +45,28 @@ from benchmarks.bench_export import (
     teacher_radius,
 )
 from datamodules.mesh_views import ring_cameras
-from models.renderer import GARFrame, GARGenerator, PointFrame
+from lightning_modules.export import TILE_MARGIN
+from models.renderer import GARFrame, GARGenerator, PointFrame, plan_capacity
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
 ROWS = ("teacher", "student", "student+gar", "student+gar_device")
 #: The demo's GAR run (its device-size twin is the same folder name with ``-device``).
 DEMO_RUN = Path("runs") / "demo" / "gar" / "latest"
-DEVICE_BASE_CHANNELS = 12  # experiments/overrides/gar_device.yaml
+DEVICE_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "overrides" / "gar_device.yaml"
 
 
-def random_cloud(num_points: int, num_frames: int = 4, expression_dim: int = 16, seed: int = 0) -> dict:
-    """Default-size teacher, student and both generators with random weights on ``num_points`` sphere points."""
+def device_generator_args() -> dict:
+    """The device-size generator's init args, as ``experiments/overrides/gar_device.yaml`` sets them."""
+    import yaml
+
+    return dict(yaml.safe_load(DEVICE_CONFIG.read_text())["model"]["init_args"]["generator"]["init_args"])
+
+
+def random_cloud(num_points: int, num_frames: int = 4, expression_dim: int = 16, seed: int = 0,
+                 device_pyramid: str | None = None) -> dict:
+    """Default-size teacher, student and both generators with random weights on ``num_points`` sphere points
+    (the device G's ``input_pyramid``: ``device_pyramid``, default its config's)."""
     torch.manual_seed(seed)
     points = fibonacci_sphere(num_points, 0.5)
     radius = torch.tensor(teacher_radius(num_points))
@@ -61,8 +74,10 @@ def random_cloud(num_points: int, num_frames: int = 4, expression_dim: int = 16,
     student = Student(expression_dim=expression_dim, **_student_sizes()).eval()
     student.set_canonical(points, radius=radius)
     sizes = _gar_sizes()
+    pyramid = {"input_pyramid": device_pyramid} if device_pyramid else {}
     generators = {"student+gar": GARGenerator(student.latent_dim, **sizes),
-                  "student+gar_device": GARGenerator(student.latent_dim, **{**sizes, "base_channels": DEVICE_BASE_CHANNELS})}
+                  "student+gar_device": GARGenerator(student.latent_dim, **{**sizes, **device_generator_args(),
+                                                                             **pyramid})}
     for g in generators.values():
         with torch.no_grad():  # a trained residual generator: to_rgb off zero (the speed is the same)
             g.to_rgb.weight.normal_(0.0, 0.1)
@@ -112,9 +127,20 @@ def _frames(cloud: dict, size: int) -> list[tuple[torch.Tensor, torch.Tensor, to
             for i in range(len(cloud["expression"]))]
 
 
-def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Path, options) -> tuple[float, float]:
-    """Seconds per frame of ``make(exportable=False)`` in PyTorch and of ``make(exportable=True)`` exported to
-    ``path`` in ONNX Runtime."""
+def exported_frame(make, frames: list, rasterizer: str, margin: float = TILE_MARGIN):
+    """``make(exportable=True)`` in eval mode; for ``rasterizer="tiles"`` with the tile rasterizer planned on
+    ``frames`` (the required capacity per scale times ``margin``, as the export plans on a run's frames)."""
+    graph = make(exportable=True).eval()
+    if rasterizer == "tiles":
+        stacked = [torch.cat([f[i] for f in frames]) for i in range(3)]
+        graph._set_tiles([plan_capacity(n, margin) for n in graph.required_capacity(*stacked)], graph.tile_size)
+    return graph
+
+
+def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Path, options,
+              rasterizer: str) -> tuple[float, float, list[int] | None]:
+    """Seconds per frame of ``make(exportable=False)`` in PyTorch and of the exported frame
+    (:func:`exported_frame`) written to ``path``, in ONNX Runtime; and the graph's tile capacities."""
     import onnxruntime as ort
 
     from lightning_modules.export import export_graph
@@ -122,19 +148,20 @@ def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Pa
     eager, extra = make(exportable=False).eval(), ((z,) if z is not None else ())
     with torch.no_grad():
         torch_s = seconds_per_frame(lambda e, w, k: eager(e, w, k, *extra), frames, repeats)
+    graph = exported_frame(make, frames, rasterizer)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on the input checks
         if z is not None:
-            export_graph(make(exportable=True).eval(), z.reshape(-1), path)
+            export_graph(graph, z.reshape(-1), path)
         else:
-            torch.onnx.export(make(exportable=True).eval(), frames[0], str(path), dynamo=False, opset_version=18,
+            torch.onnx.export(graph, frames[0], str(path), dynamo=False, opset_version=18,
                               input_names=["expression", "world_mat", "K"], output_names=["rgb"])
     session = ort.InferenceSession(str(path), options)
 
     def run(e, w, k):
         return session.run(None, {"expression": e.numpy(), "world_mat": w.numpy(), "K": k.numpy()})
 
-    return torch_s, seconds_per_frame(run, frames, repeats)
+    return torch_s, seconds_per_frame(run, frames, repeats), graph.tile_capacity
 
 
 def stage_shares(path: Path, frames: list, options) -> dict[str, float]:
@@ -161,8 +188,9 @@ def stage_shares(path: Path, frames: list, options) -> dict[str, float]:
     return {stage: value / total for stage, value in totals.items()}
 
 
-def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path) -> list[dict]:
-    """Rows of the budget table for one cloud (printed as they come)."""
+def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path,
+            rasterizers: tuple[str, ...] = ("tiles",)) -> list[dict]:
+    """Rows of the budget table for one cloud, one per exported ``rasterizers`` (printed as they come)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -181,27 +209,34 @@ def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path
             else:
                 model, canonical, radius = cloud[row]
                 make, z = functools.partial(PointFrame.from_canonical, canonical, radius, model.shading, size), None
-            path = tmp / f"{row}_{size}.onnx"
-            torch_s, ort_s = _time_row(make, z, frames, repeats, path, options)
-            r = {"cloud": cloud["name"], "model": row, "size": size, "torch_ms": 1000 * torch_s,
-                 "torch_fps": 1 / torch_s, "ort_ms": 1000 * ort_s, "ort_fps": 1 / ort_s, "bytes": path.stat().st_size,
-                 "ort_ms_by_stage": {k: 1000 * ort_s * v for k, v in stage_shares(path, frames, options).items()}}
-            rows.append(r)
-            print(f"{cloud['name'][:34]:34s} {row:>19s} {size:4d}²  torch {r['torch_ms']:7.1f} ms ({r['torch_fps']:5.1f}/s)"
-                  f"  ort {r['ort_ms']:7.1f} ms ({r['ort_fps']:5.1f}/s)  {r['bytes'] / 1e6:6.2f} MB  "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in r["ort_ms_by_stage"].items() if v), flush=True)
+            for rasterizer in rasterizers:
+                path = tmp / f"{row}_{size}_{rasterizer}.onnx"
+                torch_s, ort_s, capacity = _time_row(make, z, frames, repeats, path, options, rasterizer)
+                r = {"cloud": cloud["name"], "model": row, "size": size, "rasterizer": rasterizer,
+                     "tile_capacity": capacity, "torch_ms": 1000 * torch_s, "torch_fps": 1 / torch_s,
+                     "ort_ms": 1000 * ort_s, "ort_fps": 1 / ort_s, "bytes": path.stat().st_size,
+                     "ort_ms_by_stage": {k: 1000 * ort_s * v for k, v in stage_shares(path, frames, options).items()}}
+                rows.append(r)
+                print(f"{cloud['name'][:34]:34s} {row:>19s} {size:4d}² {rasterizer:9s} torch {r['torch_ms']:7.1f} ms "
+                      f"({r['torch_fps']:5.1f}/s)  ort {r['ort_ms']:7.1f} ms ({r['ort_fps']:5.1f}/s)  "
+                      f"{r['bytes'] / 1e6:6.2f} MB  "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in r["ort_ms_by_stage"].items() if v), flush=True)
     return rows
 
 
 def format_budget(rows: list[dict]) -> str:
     """The budget table as Markdown."""
-    lines = ["| cloud | model | S | PyTorch ms | PyTorch frames/s | ONNX Runtime ms | ONNX Runtime frames/s "
-             "| of which deform+rasterize / shading / generator ms | MB on disk |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| cloud | model | S | PyTorch ms | PyTorch frames/s | exported rasterizer (tile capacity) "
+             "| ONNX Runtime ms | ONNX Runtime frames/s | of which deform+rasterize / shading / generator ms "
+             "| MB on disk |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         stages = " / ".join(f"{v:.1f}" for v in r["ort_ms_by_stage"].values())
+        rasterizer = r.get("rasterizer", "fragments")
+        if r.get("tile_capacity"):
+            rasterizer += f" ({'/'.join(map(str, r['tile_capacity']))})"
         lines.append(f"| {r['cloud']} | {r['model']} | {r['size']} | {r['torch_ms']:.1f} | {r['torch_fps']:.1f} | "
-                     f"{r['ort_ms']:.1f} | {r['ort_fps']:.1f} | {stages} | {r['bytes'] / 1e6:.2f} |")
+                     f"{rasterizer} | {r['ort_ms']:.1f} | {r['ort_fps']:.1f} | {stages} | {r['bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
 
 
@@ -214,8 +249,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rasterizer", choices=("tiles", "fragments", "both"), default="tiles",
+                        help="the exported rasterizer (both: side by side)")
+    parser.add_argument("--device-pyramid", choices=("rasterized", "pooled"), default=None,
+                        help="the random cloud's device G input pyramid (default: experiments/overrides/gar_device.yaml)")
     parser.add_argument("--out", default="runs/bench/budget.json")
     args = parser.parse_args(argv)
+    rasterizers = ("fragments", "tiles") if args.rasterizer == "both" else (args.rasterizer,)
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     clouds = []
@@ -226,11 +266,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         device_run_dir = device_run_dir or (str(device) if device.is_dir() else None)
     if run_dir is not None:
         clouds.append(run_cloud(run_dir, device_run_dir, args.frames))
-    clouds.append(random_cloud(args.points, args.frames))
+    clouds.append(random_cloud(args.points, args.frames, device_pyramid=args.device_pyramid))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cloud in clouds:
-            rows += measure(cloud, sizes, args.threads, args.repeats, Path(tmp))
+            rows += measure(cloud, sizes, args.threads, args.repeats, Path(tmp), rasterizers)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")

@@ -7,14 +7,21 @@ What a device runs per frame (DESIGN.md, "Models" and "GAR"), as one ONNX graph:
    exported;
 2. deformation by the expression code, x' = x + o + sum_e psi_e B_e (:func:`models.frame.deform_points`),
    and the canonical normals turned into the camera (:func:`models.camera.rotate_normals`);
-3. rasterization of [f_s, camera-space normal] at ``num_scales`` resolutions with
-   :func:`models.rasterizer.rasterize_points_exportable`, the export-friendly form of the
-   rasterizer the GAR stage uses (bit-equal to it in PyTorch);
+3. rasterization of [f_s, camera-space normal] at the generator's input scales (all ``num_scales``, or
+   the full size only for a generator with ``input_pyramid="pooled"``) with the tile rasterizer
+   (:func:`models.tile_rasterizer.rasterize_points_tiled`: the GAR stage's rule with fixed-shape work,
+   several times faster in ONNX Runtime). Its capacity per tile is planned on the frames the run's
+   datamodule serves (train, val and test; the player adds its drivers'): the smallest that renders
+   every one of them exactly (:meth:`models.renderer.GARFrame.required_capacity`), times
+   :data:`TILE_MARGIN` for poses it has not seen, and is written into the file's metadata
+   (``tile_capacity``, ``tile_required``, ``tile_planned_frames``). ``--rasterizer fragments`` exports
+   :func:`models.rasterizer.rasterize_points_exportable` instead, bit-equal to the stage's rasterizer
+   on every frame but about 2x slower;
 4. the EMA generator of the GAR run (:class:`models.renderer.GARGenerator`, the copy used for
    evaluation).
 
 The graph is the GAR stage's own frame path, :class:`models.renderer.GARFrame` (what every
-evaluated row renders through), exported as it is with ``exportable=True``.
+evaluated row renders through), exported as it is with ``exportable=True`` and the planned tiles.
 
 Graph inputs (float32): ``expression`` (1, E), ``world_mat`` (1, 3, 4) world->camera (OpenCV) and
 ``K`` (1, 3, 3) pixel intrinsics, all exactly as the run's datamodule serves them, and ``z``
@@ -43,7 +50,7 @@ import torch
 from lightning_modules.gar import GARModule
 from lightning_modules.handoff import UpstreamChangedError, class_from_path
 from lightning_modules.run_folder import UpstreamMissingError
-from models.renderer import GARFrame
+from models.renderer import GARFrame, plan_capacity
 
 __all__ = [
     "ExportError",
@@ -52,6 +59,7 @@ __all__ = [
     "export_run",
     "frame_graph",
     "load_datamodule",
+    "planning_frames",
     "load_gar_module",
     "main",
     "ort_inputs",
@@ -63,6 +71,10 @@ OPSET = 18
 GAR_CLASS_PATH = "lightning_modules.gar.GARModule"
 INPUT_NAMES = ("expression", "world_mat", "K", "z")
 OUTPUT_NAME = "rgb"
+#: Rasterizers of the export (``--rasterizer``).
+RASTERIZERS = ("tiles", "fragments")
+#: Tile capacity planned = required on the planning frames x this (poses it has not seen).
+TILE_MARGIN = 1.25
 
 
 class ExportError(ValueError):
@@ -152,10 +164,41 @@ def load_datamodule(run_dir: str | Path):
     return datamodule
 
 
-def frame_graph(module) -> GARFrame:
+def planning_frames(datamodule, *extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every frame the run's datamodule serves (train, val and test), and ``extra`` ones: the codes a
+    tile plan is made on.
+
+    Returns:
+        expression (F, E), world_mat (F, 3, 4), K (F, 3, 3), float32.
+    """
+    parts = [(b.expression, b.world_mat[:, :3], b.K) for loader in
+             (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader())
+             for b in loader]
+    parts += [tuple(torch.as_tensor(t) for t in codes) for codes in extra]
+    return tuple(torch.cat([p[i] for p in parts]).float() for i in range(3))  # type: ignore[return-value]
+
+
+def frame_graph(module, frames: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                margin: float = TILE_MARGIN) -> GARFrame:
     """The graph to export: the GAR module's own frame path (:meth:`~lightning_modules.gar.GARModule.frame`,
-    the EMA generator) with the export-friendly rasterizer, a copy in eval mode."""
-    return copy.deepcopy(module.frame(exportable=True)).eval()
+    the EMA generator), a copy in eval mode.
+
+    Args:
+        module: the GAR module.
+        frames: (expression, world_mat, K) to plan the tile rasterizer on (:func:`planning_frames`); the
+            graph then rasterizes with tiles of capacity ``plan_capacity(required, margin)`` per scale
+            (``graph.tile_required`` keeps the required ones). None: the fragment rasterizer's exportable
+            form, bit-equal to the stage's rasterizer in PyTorch.
+        margin: the capacity's margin over the required one (>= 1).
+    """
+    graph = copy.deepcopy(module.frame(exportable=True)).eval()
+    graph.tile_required = None
+    if frames is not None:
+        required = graph.required_capacity(*frames)
+        graph._set_tiles([plan_capacity(n, margin) for n in required], graph.tile_size)
+        graph.tile_required, graph.tile_planned_frames = required, int(frames[0].shape[0])
+    return graph
 
 
 def _example_inputs(graph: GARFrame, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -168,7 +211,9 @@ def _example_inputs(graph: GARFrame, z: torch.Tensor) -> tuple[torch.Tensor, ...
 
 
 def export_graph(graph: GARFrame, z_default: torch.Tensor, out: str | Path, opset: int = OPSET) -> Path:
-    """Write ``graph`` as ONNX to ``out`` with ``z`` defaulting to ``z_default`` (z_dim,).
+    """Write ``graph`` as ONNX to ``out`` with ``z`` defaulting to ``z_default`` (z_dim,), and how its
+    rasterizer was planned as metadata (``rasterizer``, and for tiles ``tile_capacity``, ``tile_required``,
+    ``tile_planned_frames``).
 
     Returns:
         the path written.
@@ -192,30 +237,49 @@ def export_graph(graph: GARFrame, z_default: torch.Tensor, out: str | Path, opse
     model.graph.initializer.append(
         numpy_helper.from_array(z_default.detach().reshape(1, -1).float().numpy(), name="z")
     )
+    if getattr(graph, "tile_required", None) is not None:  # how the tile rasterizer was planned
+        onnx.helper.set_model_props(model, {
+            "rasterizer": "tiles", "tile_capacity": ",".join(map(str, graph.tile_capacity)),
+            "tile_required": ",".join(map(str, graph.tile_required)),
+            "tile_planned_frames": str(graph.tile_planned_frames)})
+    else:
+        onnx.helper.set_model_props(model, {"rasterizer": "fragments"})
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
     return out
 
 
-def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, rasterizer: str = "tiles",
+               margin: float = TILE_MARGIN) -> Path:
     """Export the per-frame path of the GAR run in ``run_dir`` to the ONNX file ``out``.
 
     Args:
         run_dir: a GAR run folder (``runs/gar/latest``, or any ``--run_dir``) with checkpoints/last.ckpt.
         out: the .onnx file to write (its folder is created).
         opset: ONNX opset (>= 17).
+        rasterizer: ``"tiles"`` (planned on the run's frames, module docstring) or ``"fragments"``.
+        margin: the tile capacity's margin over the required one (>= 1).
 
     Returns:
         the path written.
 
     Raises:
-        ExportError: no checkpoint, not a GAR run, or an opset below 17.
+        ExportError: no checkpoint, not a GAR run, an opset below 17, an unknown rasterizer or a margin < 1.
         UpstreamMissingError: the run's student checkpoint is gone.
     """
     if opset < 17:
         raise ExportError(f"opset must be >= 17, got {opset}")
+    if rasterizer not in RASTERIZERS:
+        raise ExportError(f"rasterizer must be one of {RASTERIZERS}, got {rasterizer!r}")
+    if margin < 1:
+        raise ExportError(f"margin must be >= 1 (a capacity below the required one drops layers), got {margin}")
     module = load_gar_module(run_dir)
-    return export_graph(frame_graph(module), module.z_mean, out, opset)
+    frames = planning_frames(load_datamodule(run_dir)) if rasterizer == "tiles" else None
+    graph = frame_graph(module, frames, margin)
+    if frames is not None:
+        print(f"tile rasterizer: capacity {graph.tile_capacity} per scale (exact on the {graph.tile_planned_frames} "
+              f"frames of the run: {graph.tile_required}, x {margin} margin)", file=sys.stderr)
+    return export_graph(graph, module.z_mean, out, opset)
 
 
 def ort_inputs(batch, index: int = 0, z: torch.Tensor | None = None) -> dict[str, Any]:
@@ -234,7 +298,8 @@ def ort_inputs(batch, index: int = 0, z: torch.Tensor | None = None) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """CLI: ``python -m lightning_modules.export RUN_DIR OUT.onnx [--opset 18]``.
+    """CLI: ``python -m lightning_modules.export RUN_DIR OUT.onnx [--opset 18] [--rasterizer tiles|fragments]
+    [--margin 1.25]``.
 
     Errors (no checkpoint, not a GAR run, a missing or changed student checkpoint) exit with one line.
     """
@@ -245,9 +310,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("run_dir", help="GAR run folder with checkpoints/last.ckpt (e.g. runs/gar/latest)")
     parser.add_argument("out", help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (>= 17, default {OPSET})")
+    parser.add_argument("--rasterizer", choices=RASTERIZERS, default="tiles",
+                        help="tiles (default: fast, planned on the run's frames) or fragments (exact everywhere)")
+    parser.add_argument("--margin", type=float, default=TILE_MARGIN,
+                        help=f"tile capacity = required on the run's frames x this (default {TILE_MARGIN})")
     args = parser.parse_args(argv)
     try:
-        path = export_run(args.run_dir, args.out, args.opset)
+        path = export_run(args.run_dir, args.out, args.opset, args.rasterizer, args.margin)
     except (ExportError, UpstreamMissingError, UpstreamChangedError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}", file=sys.stderr)

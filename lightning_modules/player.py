@@ -51,6 +51,7 @@ from lightning_modules.export import (
     frame_graph,
     load_datamodule,
     load_gar_module,
+    planning_frames,
     run_checkpoint,
 )
 from lightning_modules.handoff import UpstreamChangedError
@@ -244,7 +245,6 @@ def build_player(run_dir: str | Path = DEFAULT_RUN, out: str | Path = "player", 
     checkpoint = checkpoint or selected_checkpoint(run_dir)
     module = load_gar_module(run_dir, checkpoint)
     datamodule = load_datamodule(run_dir)
-    graph = frame_graph(module)
     drivers: dict[str, dict[str, Any]] = {}
     record = getattr(datamodule, "record", None)
     fps = float((record.meta.get("fps") if record is not None else None) or 0.0)
@@ -252,6 +252,9 @@ def build_player(run_dir: str | Path = DEFAULT_RUN, out: str | Path = "player", 
     if driver is not None:
         drivers["reenact"] = {"label": f"reenactment: {Path(driver).stem}", **driving_codes(datamodule, driver,
                                                                                                max_frames)}
+    # the tile rasterizer planned on every frame of the run and every frame the page plays
+    graph = frame_graph(module, planning_frames(datamodule, *((d["expression"], d["world_mat"], d["K"])
+                                                                 for d in drivers.values())))
     out.mkdir(parents=True, exist_ok=True)
     export_graph(graph, module.z_mean, out / ONNX_NAME)
     document = codes_document(graph.image_size, graph.expression_dim, drivers)

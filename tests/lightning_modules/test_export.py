@@ -215,24 +215,57 @@ def test_device_size_generator_exports_and_matches_pytorch(distill_run, tmp_path
 
 
 def test_budget_table_times_every_form_and_sizes_the_files(tmp_path):
-    """benchmarks/bench_budget.py on a small random cloud: one row per form, and the two GAR graphs
-    differ on disk by the float32 bytes of their generators' parameters (everything else is shared)."""
+    """benchmarks/bench_budget.py on a small random cloud: one row per form and exported rasterizer, and
+    with the same rasterizing (fragments, every scale) the two GAR graphs differ on disk by the float32
+    bytes of their generators' parameters (everything else is shared)."""
     import json
 
-    from benchmarks.bench_budget import DEVICE_BASE_CHANNELS, main
+    from benchmarks.bench_budget import device_generator_args, main
     from benchmarks.bench_export import _gar_sizes
     from models.renderer import GARGenerator
 
-    rows = main(["--sizes", "32", "--points", "200", "--frames", "1", "--repeats", "1",
+    rows = main(["--sizes", "32", "--points", "200", "--frames", "1", "--repeats", "1", "--rasterizer", "both",
                  "--out", str(tmp_path / "budget.json")])
-    assert [r["model"] for r in rows] == ["teacher", "student", "student+gar", "student+gar_device"]
+    assert [(r["model"], r["rasterizer"]) for r in rows] == [
+        (m, x) for m in ("teacher", "student", "student+gar", "student+gar_device") for x in ("fragments", "tiles")]
     assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["size"] == 32 for r in rows)
+    assert device_generator_args()["input_pyramid"] == "pooled"  # the device G rasterizes once: one capacity
+    assert [len(r["tile_capacity"]) for r in rows if r["rasterizer"] == "tiles"] == [1, 1, 3, 1]
     assert json.loads((tmp_path / "budget.json").read_text())["rows"] == rows
     for r in rows:  # the profile's split adds up to the frame; only the GAR rows run a generator
         assert sum(r["ort_ms_by_stage"].values()) == pytest.approx(r["ort_ms"])
         assert (r["ort_ms_by_stage"]["generator"] > 0) == r["model"].startswith("student+")
         assert r["ort_ms_by_stage"]["shading"] > 0 and r["ort_ms_by_stage"]["deform+rasterize"] > 0
     large = sum(p.numel() for p in GARGenerator(32, **_gar_sizes()).parameters())
-    small = sum(p.numel() for p in GARGenerator(32, **{**_gar_sizes(), "base_channels": DEVICE_BASE_CHANNELS}).parameters())
+    small = sum(p.numel() for p in GARGenerator(32, **{**_gar_sizes(), **device_generator_args(),
+                                                        "input_pyramid": "rasterized"}).parameters())
+    assert small < large / 3  # the pyramid setting adds no parameter; 12 base channels instead of 32
+    rows = main(["--sizes", "32", "--points", "200", "--frames", "1", "--repeats", "1", "--rasterizer", "fragments",
+                 "--device-pyramid", "rasterized", "--out", str(tmp_path / "same.json")])
     by_model = {r["model"]: r["bytes"] for r in rows}
     assert by_model["student+gar"] - by_model["student+gar_device"] == pytest.approx(4 * (large - small), rel=0.01)
+
+
+def test_export_plans_the_tile_rasterizer_on_the_runs_frames(gar_run, exported, tmp_path):
+    """The default export rasterizes with tiles of the planned capacity, records the plan in the file,
+    and --rasterizer fragments writes the exact exportable rasterizer instead."""
+    import onnx
+
+    from lightning_modules.export import TILE_MARGIN, frame_graph, load_datamodule, load_gar_module, main, planning_frames
+    from models.renderer import plan_capacity
+
+    module = load_gar_module(gar_run)
+    frames = planning_frames(load_datamodule(gar_run))
+    assert frames[0].shape[0] == sum(load_datamodule(gar_run).split_sizes().values())  # train, val and test
+    graph = frame_graph(module, frames)
+    props = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    assert props == {"rasterizer": "tiles", "tile_capacity": ",".join(map(str, graph.tile_capacity)),
+                     "tile_required": ",".join(map(str, graph.tile_required)),
+                     "tile_planned_frames": str(frames[0].shape[0])}
+    assert graph.tile_capacity == [plan_capacity(n, TILE_MARGIN) for n in graph.tile_required]
+    out = tmp_path / "fragments.onnx"
+    main([str(gar_run), str(out), "--rasterizer", "fragments"])
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props} == {"rasterizer": "fragments"}
+    with pytest.raises(SystemExit, match=r"^error: margin must be >= 1"):
+        main([str(gar_run), str(tmp_path / "x.onnx"), "--margin", "0.5"])
+    assert not (tmp_path / "x.onnx").exists()

@@ -356,6 +356,10 @@ def test_a_checkpoint_trained_with_another_activation_gain_is_refused_in_one_lin
     plain = GARModule(**{**init_args, "student_ckpt": student, "generator": {**spec, "residual": False}})
     with pytest.raises(ValueError, match=r"trained with residual=True, not False"):
         plain.on_load_checkpoint(ckpt)
+    # so does the input pyramid: a checkpoint from before it was rasterized at every scale
+    pooled = GARModule(**{**init_args, "student_ckpt": student, "generator": {**spec, "input_pyramid": "pooled"}})
+    with pytest.raises(ValueError, match=r"trained with input_pyramid='rasterized', not 'pooled'"):
+        pooled.on_load_checkpoint(ckpt)
 
 
 def _earlier_layout(checkpoint: dict) -> dict:

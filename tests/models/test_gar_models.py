@@ -499,3 +499,53 @@ def test_activation_gain_keeps_the_decoder_at_the_input_scale():
 
     assert 0.4 < decoder_std(2 ** 0.5) < 2.5
     assert decoder_std(1.0) < 0.3 * decoder_std(2 ** 0.5)
+
+
+def test_pooled_pyramid_generator_takes_one_input_and_pools_the_rest_itself():
+    """input_pyramid='pooled': G takes the full-size rasterization only and feeds level s its 2x2
+    average-pooled copy; with the same weights it equals a rasterized-pyramid G given those pools."""
+    torch.manual_seed(0)
+    pooled = GARGenerator(feature_channels=5, z_dim=4, base_channels=8, w_dim=8, input_pyramid="pooled").eval()
+    per_scale = GARGenerator(feature_channels=5, z_dim=4, base_channels=8, w_dim=8).eval()
+    per_scale.load_state_dict(pooled.state_dict())  # the setting adds no parameter
+    assert (pooled.input_scales, per_scale.input_scales) == (1, 3)
+    x0, z = torch.rand(2, 9, 16, 16), torch.randn(2, 4)
+    pools = [x0, F.avg_pool2d(x0, 2), F.avg_pool2d(F.avg_pool2d(x0, 2), 2)]  # level by level
+    with torch.no_grad():
+        torch.testing.assert_close(pooled([x0], z), per_scale(pools, z), rtol=0, atol=0)
+        assert not torch.equal(per_scale(pools, z), per_scale([x0, torch.rand_like(pools[1]), pools[2]], z))
+    with pytest.raises(ValueError, match=r"1 maps \(the full-size one: input_pyramid='pooled'\), got 3"):
+        pooled(pools, z)
+    with pytest.raises(ValueError, match="input_pyramid must be 'rasterized' or 'pooled'"):
+        GARGenerator(input_pyramid="mean")
+
+
+def test_gar_frame_rasterizes_once_for_a_pooled_generator_and_tiles_match_fragments():
+    """The frame rasterizes the scales its generator takes; with the tile rasterizer at the required
+    capacity (per scale) its generator inputs equal the fragment rasterizer's."""
+    from models.renderer import GARFrame, plan_capacity
+    from models.teacher import fibonacci_sphere
+
+    gen = torch.Generator().manual_seed(1)
+    n = 300
+    points = fibonacci_sphere(n, 0.5)
+    args = (points, torch.zeros(n, 3), 0.01 * torch.randn(n, 2, 3, generator=gen), F.normalize(points, dim=-1),
+            torch.rand(n, 5, generator=gen), torch.rand(n, 3, generator=gen), torch.tensor(0.06), nn.Identity())
+    world_mat = torch.cat([torch.eye(3), torch.tensor([[0.0], [0.0], [2.5]])], 1)[None].repeat(2, 1, 1)
+    world_mat[1, 0, 3] = 0.2
+    K = torch.tensor([[[40.0, 0.0, 16.0], [0.0, 40.0, 16.0], [0.0, 0.0, 1.0]]]).repeat(2, 1, 1)
+    expression = torch.randn(2, 2, generator=gen)
+    for pyramid, scales in (("rasterized", 3), ("pooled", 1)):
+        g = GARGenerator(feature_channels=5, z_dim=4, base_channels=8, w_dim=8, input_pyramid=pyramid)
+        frame = GARFrame(*args, g, 32)
+        need = frame.required_capacity(expression, world_mat, K)
+        assert len(need) == scales and min(need) >= 10  # ten layers where the sphere's two sides overlap
+        tiled = GARFrame(*args, g, 32, tile_capacity=need)
+        with torch.no_grad():
+            ref, got = frame.raster_inputs(expression, world_mat, K), tiled.raster_inputs(expression, world_mat, K)
+        assert len(ref.inputs) == len(got.inputs) == scales
+        for a, b in zip(ref.inputs, got.inputs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert plan_capacity(44) == 56 and plan_capacity(64, 1.0) == 64 and plan_capacity(1) == 8
+    with pytest.raises(ValueError, match="tile_capacity must be 1 positive ints"):
+        GARFrame(*args, g, 32, tile_capacity=[8, 8, 8])

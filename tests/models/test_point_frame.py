@@ -73,3 +73,26 @@ def test_point_frame_rejects_mismatched_shapes(student_and_frames):
     with pytest.raises(ValueError, match=r"albedo must be \(300, 3\)"):
         PointFrame(canonical.points, canonical.offset, canonical.blendshapes, canonical.normals, canonical.albedo[:10],
                    student.radius, student.shading, 32)
+
+
+def test_point_frame_with_tiles_is_the_same_render(student_and_frames, tmp_path):
+    """The tile rasterizer at the required capacity gives the students render, in PyTorch and in ONNX Runtime."""
+    import onnxruntime as ort
+
+    student, canonical, expression, world_mat, K = student_and_frames
+    ref_frame = _frame(student, canonical)
+    need = ref_frame.required_capacity(expression, world_mat, K)
+    tiled = PointFrame.from_canonical(canonical, student.radius, student.shading, 32, tile_capacity=need).eval()
+    with torch.no_grad():
+        ref, got = ref_frame(expression, world_mat, K), tiled(expression, world_mat, K)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    path = tmp_path / "tiles.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiled, (expression[:1], world_mat[:1], K[:1]), str(path), dynamo=False, opset_version=18,
+                          input_names=["expression", "world_mat", "K"])
+    session = ort.InferenceSession(str(path))
+    for i in range(2):
+        out = session.run(None, {"expression": expression[i : i + 1].numpy(), "world_mat": world_mat[i : i + 1].numpy(),
+                                 "K": K[i : i + 1].numpy()})[0]
+        assert abs(out - ref[i : i + 1].numpy()).max() < 1e-5
