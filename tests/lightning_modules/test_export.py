@@ -251,7 +251,14 @@ def test_export_plans_the_tile_rasterizer_on_the_runs_frames(gar_run, exported, 
     and --rasterizer fragments writes the exact exportable rasterizer instead."""
     import onnx
 
-    from lightning_modules.export import TILE_MARGIN, frame_graph, load_datamodule, load_gar_module, main, planning_frames
+    from lightning_modules.export import (
+        TILE_MARGIN,
+        frame_graph,
+        load_datamodule,
+        load_gar_module,
+        main,
+        planning_frames,
+    )
     from models.renderer import plan_capacity
 
     module = load_gar_module(gar_run)
