@@ -2,7 +2,7 @@
 
 Run ``python -m benchmarks.bench_budget [--run-dir GAR_RUN] [--device-run-dir GAR_RUN] [--sizes 64,128,256]
 [--points 10000] [--threads 2] [--frames 4] [--repeats 3] [--rasterizer tiles|fragments|both]
-[--device-pyramid rasterized|pooled] [--out runs/bench/budget.json]``.
+[--device-pyramid rasterized|pooled] [--out runs/bench/budget.json] [--markdown TABLE.md]``.
 
 Rows (B = 1; canonical outputs cached, as a device holds them):
 
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device-pyramid", choices=("rasterized", "pooled"), default=None,
                         help="the random cloud's device G input pyramid (default: experiments/overrides/gar_device.yaml)")
     parser.add_argument("--out", default="runs/bench/budget.json")
+    parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     args = parser.parse_args(argv)
     rasterizers = ("fragments", "tiles") if args.rasterizer == "both" else (args.rasterizer,)
     torch.set_num_threads(args.threads)
@@ -274,7 +275,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
-    print(format_budget(rows))
+    table = format_budget(rows)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table + "\n")
+    print(table)
     return rows
 
 

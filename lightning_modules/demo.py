@@ -19,8 +19,11 @@ Steps, each shown with its command and its time:
    figures, both protocols, both regions; :mod:`lightning_modules.metrics`);
 4. ``comparison.mp4`` (ground truth | teacher | student | gar over the test frames, every panel
    rendered from the tracked codes: nothing looks at the frame), ``losses.png`` (the three fits'
-   training losses), the deployment table (:mod:`lightning_modules.deploy`) and ``report.md`` /
-   ``report.json`` (:mod:`lightning_modules.report`).
+   training losses) and the deployment table (:mod:`lightning_modules.deploy`);
+5. the per-frame budget (``python -m benchmarks.bench_budget`` on the two GAR fits, in its own
+   process: teacher, student and student + each GAR, PyTorch and ONNX Runtime, at 64, 128 and 256
+   pixels, on the demo avatar and on 10k points; :data:`BUDGET_ARGS`) into ``OUT/budget/ID.{json,md}``;
+6. ``report.md`` / ``report.json`` (:mod:`lightning_modules.report`), the budget table included.
 
 Run folders follow DESIGN.md "Run folders" with ``--runs_root OUT``: one demo with id ``ID`` (its
 start time) makes ``OUT/<stage>/ID/`` (fit; ``OUT/<stage>/latest`` points at it) and
@@ -81,6 +84,9 @@ OVERRIDES = {"cpu_demo": "cpu_demo_{stage}.yaml", "tiny": "tiny_mesh.yaml"}
 #: A stage's upstream (stage, init arg that takes its checkpoint).
 UPSTREAM = {"distill": ("teacher", "teacher_ckpt"), "gar": ("distill", "student_ckpt"),
             "gar_device": ("distill", "student_ckpt")}
+#: Settings of the per-frame budget (``python -m benchmarks.bench_budget``) per override set.
+BUDGET_ARGS = {"cpu_demo": ["--sizes", "64,128,256", "--points", "10000"],
+               "tiny": ["--sizes", "32", "--points", "300", "--frames", "1", "--repeats", "1"]}
 #: Columns of the comparison video.
 PANELS = ("ground truth", "teacher", "student", "gar")
 LABEL_HEIGHT = 16  # pixels of the label strip above the panels
@@ -361,7 +367,7 @@ def run_demo(
     demo_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = _run_in_process if in_process else _run_subprocess
     timings: dict[str, float] = {}
-    total_steps = 3 * len(FITS) + (3 if overrides != "tiny" else 2)
+    total_steps = 3 * len(FITS) + (4 if overrides != "tiny" else 3)
     step = 0
     start_all = time.perf_counter()
 
@@ -435,6 +441,15 @@ def run_demo(
     deploy = deployment_table(selected["teacher"], selected["distill"], selected["gar"], deploy_dir)
     done("render", start, f"{comparison} ({num_frames} frames), {loss_plot}, {deploy_dir}")
 
+    budget_json, budget_md = out / "budget" / f"{demo_id}.json", out / "budget" / f"{demo_id}.md"
+    budget_cmd = [sys.executable, "-m", "benchmarks.bench_budget", "--run-dir", str(fit_dirs["gar"]),
+                  "--device-run-dir", str(fit_dirs["gar_device"]), *BUDGET_ARGS[overrides],
+                  "--out", str(budget_json), "--markdown", str(budget_md)]
+    start = announce(f"per-frame budget: {shlex.join(budget_cmd[1:])}")
+    if subprocess.run(budget_cmd, env=_subprocess_env(), check=False).returncode != 0:
+        raise DemoError(f"`{shlex.join(budget_cmd[1:])}` failed (its output is above)")
+    done("budget", start, str(budget_md))
+
     start = announce("report")
     timings["total"] = time.perf_counter() - start_all
     runs = {f"{stage}_fit": path for stage, path in fit_dirs.items()}
@@ -460,6 +475,8 @@ def run_demo(
             "loss_plot": loss_plot.name,
             "deployment": deploy,
             "deploy": format_deployment_markdown(deploy),
+            "budget": {"command": "python " + shlex.join(budget_cmd[1:]), "table": budget_md.read_text(),
+                       "rows": json.loads(budget_json.read_text())["rows"]},
         },
     )
     md, js = write_report(report, out)

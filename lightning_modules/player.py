@@ -4,7 +4,8 @@
 :func:`build_player` writes into ``OUT`` (default ``player/``, git-ignored):
 
 - ``avatar.onnx``: the run's per-frame graph (:mod:`lightning_modules.export`: expression, world_mat
-  and K in, rgb out; z left at its default, the mean training z);
+  and K in, rgb out; z left at its default, the mean training z), its tile rasterizer planned on every
+  frame of the run and every frame the page plays (``codes.json``'s ``rasterizer`` says the plan);
 - ``codes.json``: the inputs of every frame the page plays, per driver (:func:`codes_document`):
   ``"test"``, the test frames' tracked codes, and ``"reenact"``, the codes and retargeted poses of a
   driving video (:mod:`datamodules.driving`, as ``lightning predict --data.init_args.driving_video``
@@ -259,6 +260,8 @@ def build_player(run_dir: str | Path = DEFAULT_RUN, out: str | Path = "player", 
     export_graph(graph, module.z_mean, out / ONNX_NAME)
     document = codes_document(graph.image_size, graph.expression_dim, drivers)
     document["run"] = {"run_dir": run_dir.as_posix(), "checkpoint": checkpoint}
+    document["rasterizer"] = {"name": "tiles", "tile_capacity": graph.tile_capacity,
+                              "tile_required": graph.tile_required, "planned_frames": graph.tile_planned_frames}
     (out / CODES_NAME).write_text(json.dumps(document, separators=(",", ":")))
     for name in PAGE_FILES:
         shutil.copyfile(PAGE_DIR / name, out / name)
@@ -409,8 +412,11 @@ def main(argv: list[str] | None = None) -> Path:
     driver = _driver_arg(args.driver)
     try:
         out = build_player(args.run, args.out, driver, args.max_frames, args.checkpoint)
+        plan = json.loads((out / CODES_NAME).read_text())["rasterizer"]
         print(f"wrote {out}/ ({ONNX_NAME}, {CODES_NAME}, the page; drivers: test"
-              f"{', reenact (' + driver.name + ')' if driver else ''})", file=sys.stderr)
+              f"{', reenact (' + driver.name + ')' if driver else ''}); tile rasterizer capacity "
+              f"{plan['tile_capacity']} per scale (exact on the {plan['planned_frames']} frames planned on: "
+              f"{plan['tile_required']})", file=sys.stderr)
         if not (out / ORT_WEB_DIST).is_dir():
             print(f"next: npm ci --prefix {out} (installs onnxruntime-web {ORT_WEB_VERSION}; `make player` does it)",
                   file=sys.stderr)

@@ -176,6 +176,23 @@ def test_demo_comparison_video_and_loss_plot(demo):
     assert plot.ndim == 3 and plot.shape[0] > 100 and plot.shape[1] > 300
 
 
+@pytest.mark.slow
+def test_demo_report_carries_the_per_frame_budget_of_its_own_runs(demo):
+    """The budget (benchmarks.bench_budget on the demo's two GAR fits) is in report.json and report.md."""
+    cwd, report, _ = demo
+    budget = report["budget"]
+    assert f"--run-dir {report['runs']['gar_fit']}" in budget["command"]
+    assert f"--device-run-dir {report['runs']['gar_device_fit']}" in budget["command"]
+    rows = budget["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "student", "student+gar", "student+gar_device"] * 2  # two clouds
+    assert all(r["rasterizer"] == "tiles" and r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["size"] == TINY_SIZE
+               for r in rows)
+    assert rows[0]["cloud"].startswith("demo avatar") and rows[-1]["cloud"].startswith("300 points")
+    assert rows[3]["tile_capacity"] and len(rows[3]["tile_capacity"]) == 1  # the device G rasterizes once
+    md = (cwd / "runs" / "demo" / "report.md").read_text()
+    assert "## Per-frame budget" in md and budget["table"].strip() in md
+
+
 def test_report_of_partial_runs_shows_missing_values(tmp_path):
     from lightning_modules.report import build_report, format_markdown
 
