@@ -14,8 +14,8 @@ Rows (B = 1; canonical outputs cached, as a device holds them):
 
 Each at every ``--sizes`` (S x S) in eager PyTorch (``rasterize_points``) and in ONNX Runtime (the
 graph exported with ``exportable=True``, ``intra_op_num_threads = --threads``; ``--rasterizer``: the
-tile rasterizer planned on the timed frames as the export plans on a run's (default), the fragment
-rasterizer's exportable form, or both side by side), on two clouds: the
+tile rasterizer (default) planned as the export plans it, on every frame of the run (the random cloud:
+on the timed frames), the fragment rasterizer's exportable form, or both side by side), on two clouds: the
 demo avatar (``--run-dir``, default ``runs/demo/gar/latest`` when ``make demo`` made it: a GAR run,
 its student, its teacher through the run's pinned upstreams, and ``--device-run-dir``'s generator,
 default the run's ``-device`` twin; the test frames' cameras, K scaled to S) and ``--points``
@@ -45,7 +45,7 @@ from benchmarks.bench_export import (
     teacher_radius,
 )
 from datamodules.mesh_views import ring_cameras
-from lightning_modules.export import TILE_MARGIN
+from lightning_modules.export import TILE_MARGIN, planning_frames
 from models.renderer import GARFrame, GARGenerator, PointFrame, plan_capacity
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
@@ -111,13 +111,15 @@ def run_cloud(run_dir: str, device_run_dir: str | None, num_frames: int) -> dict
                                  .is_file() else "last.ckpt")
         generators["student+gar_device"] = device.generator_ema
         z["student+gar_device"] = device.z_mean.reshape(1, -1)
-    batch = next(iter(load_datamodule(run_dir).test_dataloader()))
+    datamodule = load_datamodule(run_dir)
+    batch = next(iter(datamodule.test_dataloader()))
     n = min(num_frames, len(batch))
     return {"name": f"demo avatar ({module.student.num_points} points; {run_dir})",
             "teacher": (teacher, t_canonical, teacher.radius), "student": (module.student, module.student_canonical(),
                                                                         module.student.radius),
             "generators": generators, "z": z, "expression": batch.expression[:n].float(),
-            "world_mat": batch.world_mat[:n, :3].float(), "K": batch.K[:n].float(), "K_size": batch.image.shape[-1]}
+            "world_mat": batch.world_mat[:n, :3].float(), "K": batch.K[:n].float(), "K_size": batch.image.shape[-1],
+            "plan": planning_frames(datamodule)}
 
 
 def _frames(cloud: dict, size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -125,6 +127,16 @@ def _frames(cloud: dict, size: int) -> list[tuple[torch.Tensor, torch.Tensor, to
     K[:, :2] *= size / cloud["K_size"]  # the same view at another resolution
     return [(cloud["expression"][i : i + 1], cloud["world_mat"][i : i + 1], K[i : i + 1])
             for i in range(len(cloud["expression"]))]
+
+
+def _plan_frames(cloud: dict, size: int, frames: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The frames the tile plan is made on: a run's every frame (as its export plans), else the timed ones."""
+    if "plan" not in cloud:
+        return frames
+    expression, world_mat, K = cloud["plan"]
+    K = K.clone()
+    K[:, :2] *= size / cloud["K_size"]
+    return [(expression, world_mat, K)]
 
 
 def exported_frame(make, frames: list, rasterizer: str, margin: float = TILE_MARGIN):
@@ -138,9 +150,10 @@ def exported_frame(make, frames: list, rasterizer: str, margin: float = TILE_MAR
 
 
 def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Path, options,
-              rasterizer: str) -> tuple[float, float, list[int] | None]:
+              rasterizer: str, plan: list | None = None) -> tuple[float, float, list[int] | None]:
     """Seconds per frame of ``make(exportable=False)`` in PyTorch and of the exported frame
-    (:func:`exported_frame`) written to ``path``, in ONNX Runtime; and the graph's tile capacities."""
+    (:func:`exported_frame`, tiles planned on ``plan``, default ``frames``) written to ``path``, in ONNX
+    Runtime; and the graph's tile capacities."""
     import onnxruntime as ort
 
     from lightning_modules.export import export_graph
@@ -148,7 +161,7 @@ def _time_row(make, z: torch.Tensor | None, frames: list, repeats: int, path: Pa
     eager, extra = make(exportable=False).eval(), ((z,) if z is not None else ())
     with torch.no_grad():
         torch_s = seconds_per_frame(lambda e, w, k: eager(e, w, k, *extra), frames, repeats)
-    graph = exported_frame(make, frames, rasterizer)
+    graph = exported_frame(make, plan or frames, rasterizer)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on the input checks
         if z is not None:
@@ -211,7 +224,8 @@ def measure(cloud: dict, sizes: list[int], threads: int, repeats: int, tmp: Path
                 make, z = functools.partial(PointFrame.from_canonical, canonical, radius, model.shading, size), None
             for rasterizer in rasterizers:
                 path = tmp / f"{row}_{size}_{rasterizer}.onnx"
-                torch_s, ort_s, capacity = _time_row(make, z, frames, repeats, path, options, rasterizer)
+                torch_s, ort_s, capacity = _time_row(make, z, frames, repeats, path, options, rasterizer,
+                                                     _plan_frames(cloud, size, frames))
                 r = {"cloud": cloud["name"], "model": row, "size": size, "rasterizer": rasterizer,
                      "tile_capacity": capacity, "torch_ms": 1000 * torch_s, "torch_fps": 1 / torch_s,
                      "ort_ms": 1000 * ort_s, "ort_fps": 1 / ort_s, "bytes": path.stat().st_size,

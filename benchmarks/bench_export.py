@@ -5,7 +5,9 @@ Run ``python -m benchmarks.bench_export [--points 10000] [--image-size 128] [--t
 the same number of points:
 
 - ``export_ort``: the ONNX graph of :mod:`lightning_modules.export` (deformation, rasterization
-  at every scale, EMA generator; student outputs baked in) in ONNX Runtime on the CPU with
+  at the generator's input scales with the tile rasterizer planned as the export plans it (on the
+  run's frames; with random weights, on the timed frames), EMA generator; student outputs baked in)
+  in ONNX Runtime on the CPU with
   ``intra_op_num_threads = --threads`` (and one inter-op thread);
 - ``teacher_torch``: the teacher's per-frame path in PyTorch with ``--threads`` threads:
   deformation, shading of the camera-space normals and rasterization of the colours from its
@@ -50,13 +52,15 @@ import torch
 from datamodules.mesh_views import ring_cameras
 from lightning_modules.export import (
     OPSET,
+    TILE_MARGIN,
     export_graph,
     frame_graph,
     load_datamodule,
     load_gar_module,
+    planning_frames,
 )
 from models.rasterizer import rasterize_points
-from models.renderer import GARFrame, GARGenerator, PointFrame
+from models.renderer import GARFrame, GARGenerator, PointFrame, plan_capacity
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
@@ -106,6 +110,8 @@ def random_setup(num_points: int, image_size: int, num_frames: int, expression_d
         canonical = student.canonical()
     graph = GARFrame.from_canonical(canonical, student.radius, student.shading, generator, image_size,
                                     exportable=True).eval()
+    need = graph.required_capacity(expressions, world_mats, Ks)  # the tile plan, on the timed frames
+    graph._set_tiles([plan_capacity(n, TILE_MARGIN) for n in need], graph.tile_size)
     teacher = _teacher_frame(points, radius, expression_dim, image_size)
     return graph, torch.zeros(sizes["z_dim"]), teacher, frames
 
@@ -114,7 +120,7 @@ def run_setup(run_dir: str, num_frames: int):
     """The GAR run's graph and mean z, a default teacher on the run's student points, and the run's test frames."""
     module = load_gar_module(run_dir)
     datamodule = load_datamodule(run_dir)
-    graph = frame_graph(module)
+    graph = frame_graph(module, planning_frames(datamodule))  # the tile rasterizer, planned as the export does
     frames = []
     for batch in datamodule.test_dataloader():
         for i in range(len(batch)):
@@ -142,8 +148,8 @@ class _Generator(torch.nn.Module):
         self.generator = generator
 
     def forward(self, *maps_z_base: torch.Tensor) -> torch.Tensor:
-        """maps (one per scale), z, then the base image when the generator is residual."""
-        n = self.generator.num_scales
+        """maps (one per rasterized scale: ``input_scales``), z, then the base image when the generator is residual."""
+        n = self.generator.input_scales
         base = maps_z_base[n + 1] if self.generator.residual else None
         return self.generator(list(maps_z_base[:n]), maps_z_base[n], base)
 

@@ -589,7 +589,7 @@ def deployment_table(
         "ms": _median_ms(lambda: gar.render_meanz(frame), repeats),
         "flops": gar_flops,
         "what": (f"GAR tracked path, z = mean training z: deform + {'student shading + ' if gar.generator_ema.residual else ''}"
-                 f"EMA generator (FLOPs) + rasterization at {int(gar.generator_ema.num_scales)} scales (timed only)"),
+                 f"EMA generator (FLOPs) + rasterization at {int(gar.generator_ema.input_scales)} scale(s) (timed only)"),
     }
 
     # -- fidelity of the table, both dtypes ---------------------------------------------------------------

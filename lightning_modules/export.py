@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -271,8 +272,8 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, rasteri
         raise ExportError(f"opset must be >= 17, got {opset}")
     if rasterizer not in RASTERIZERS:
         raise ExportError(f"rasterizer must be one of {RASTERIZERS}, got {rasterizer!r}")
-    if margin < 1:
-        raise ExportError(f"margin must be >= 1 (a capacity below the required one drops layers), got {margin}")
+    if not (math.isfinite(margin) and margin >= 1):
+        raise ExportError(f"margin must be a finite number >= 1 (below 1 the capacity drops layers), got {margin}")
     module = load_gar_module(run_dir)
     frames = planning_frames(load_datamodule(run_dir)) if rasterizer == "tiles" else None
     graph = frame_graph(module, frames, margin)

@@ -439,7 +439,7 @@ def format_markdown(report: Mapping[str, Any], title: str = "avatar-compress dem
         lines += ["", "## Deployment (`python -m benchmarks.deploy`)", "", str(report["deploy"]).rstrip()]
     if report.get("budget"):
         lines += ["", "## Per-frame budget", "", f"`{report['budget']['command']}` (2 threads; ONNX Runtime with the "
-                  "tile rasterizer planned on the timed frames; see README, \"Per-frame budget\"):", "",
+                  "tile rasterizer planned as the export plans it; see README, \"Per-frame budget\"):", "",
                   str(report["budget"]["table"]).rstrip()]
     if report.get("runs"):
         lines += ["", "Runs:", ""]

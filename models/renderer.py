@@ -525,17 +525,21 @@ class _Rasterizes:
         return [rasterize_points_exportable if self.exportable else rasterize_points] * self.num_scales
 
     @torch.no_grad()
-    def required_capacity(self, expression: Tensor, world_mat: Tensor, K: Tensor, chunk: int = 8) -> list[int]:
+    def required_capacity(self, expression: Tensor, world_mat: Tensor, K: Tensor, chunk: int | None = None
+                          ) -> list[int]:
         """Per scale, the smallest tile capacity that renders these frames exactly
         (:func:`models.tile_rasterizer.required_tile_capacity`, ``chunk`` frames at a time).
 
         Args:
             expression (B, E), world_mat (B, 3, 4), K (B, 3, 3): the frames, K at full size.
+            chunk: frames per pass (default: 8 at 128 pixels, scaled by the image area; the memory is about
+                chunk x pixels x the largest tile overlap).
 
         Returns:
             one int per scale.
         """
         need = [1] * self.num_scales
+        chunk = chunk or max(1, 8 * 128 * 128 // self.image_size**2)
         for i in range(0, expression.shape[0], chunk):
             e, w, k = expression[i : i + chunk], world_mat[i : i + chunk, :3], K[i : i + chunk]
             points = deform_points(self.points, self.offset, self.blendshapes, e)

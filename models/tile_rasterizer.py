@@ -26,12 +26,13 @@ Algorithm (``tile_size`` T, ``tile_capacity`` L, ``points_per_pixel`` K):
 the sums run in another order; 1e-6 in float32 in tests) whenever, for every pixel, its K nearest
 covering points are among its tile's first L overlapping points. A tile overlapped by more than L
 points drops the deepest ones: a pixel whose K-th covering point lies deeper renders fewer layers
-(more background shows through). :func:`required_tile_capacity` returns the smallest L that keeps
-a given set of frames exact; the export picks L from the frames it is planned on (a margin for
-unseen poses) and reports it.
+(more background shows through), and a pixel whose covering points all lie deeper than the first
+L of its tile (a crowded tile, a sparse pixel) loses them all: a hole. :func:`required_tile_capacity`
+returns the smallest L that keeps a given set of frames exact; the export picks L from the frames it
+is planned on (a margin for unseen poses) and reports it.
 
 Everything here is pure torch and exports to ONNX (``torch.onnx.export(..., dynamo=False)``,
-opset >= 11) with the number of points dynamic: the only sorts are one of the N depths per camera
+opset >= 16: ScatterElements must sum repeated indices) with the number of points dynamic: the only sorts are one of the N depths per camera
 and one of the tile entries (TopK under export; ONNX TopK keeps the lower index first on ties),
 and TopK per pixel over L values. Gradients reach channels, positions and radii through the alphas
 of the kept candidates by plain autograd, as in the fragment rasterizer.
@@ -80,8 +81,9 @@ def _check_tiles(tile_size: int, tile_capacity: int) -> None:
 def _tile_candidates(inp: _Inputs, near: float, tile: int, capacity: int):
     """Steps 1-2: each tile's ``capacity`` depth-nearest overlapping points.
 
-    Returns (z (B, N), uv (B, N, 2), cand (B * tiles, L) flat point ids into B * N, cvalid
-    (B * tiles, L) bool, count (B * tiles,) overlapping points per tile, (TY, TX) tiles a side).
+    Returns (z (B, N), uv (B, N, 2) with the points that cannot show (culled, ``valid`` False) at 0,
+    cand (B * tiles, L) flat point ids into B * N, cvalid (B * tiles, L) bool, count (B * tiles,)
+    overlapping points per tile, (TY, TX) tiles a side, keep (B, N) the points that can show).
     """
     B, N, H, W = inp.batch, inp.num_points, inp.height, inp.width
     TY, TX = -(-H // tile), -(-W // tile)
@@ -124,7 +126,10 @@ def _tile_candidates(inp: _Inputs, near: float, tile: int, capacity: int):
         cam_of = torch.div(tile_of, NT, rounding_mode="floor").clamp_max(B - 1)
         flat_rank = cam_of * N + (entry - tile_of * N)
         cand = cam_of * N + order.reshape(-1).index_select(0, flat_rank)  # flat point ids into B * N
-    return z, uv, cand.view(B * NT, capacity), cvalid, count, (TY, TX)
+    # an empty slot points at some entry, possibly a culled point's: never let its values (NaN, inf
+    # behind the camera) reach the sums or their gradients
+    uv = torch.where(keep[..., None], uv, 0.0)
+    return z, uv, cand.view(B * NT, capacity), cvalid, count, (TY, TX), keep
 
 
 def _select(inp: _Inputs, near: float, tile: int, capacity: int, kpp: int):
@@ -132,17 +137,16 @@ def _select(inp: _Inputs, near: float, tile: int, capacity: int, kpp: int):
     and d^2 / r^2 (B * tiles, T, T, L), and the per-pixel TopK (positions ``ki`` (B * tiles, T^2, k),
     ``kval`` valid)."""
     B, N = inp.batch, inp.num_points
-    z, uv, cand, cvalid, count, (TY, TX) = _tile_candidates(inp, near, tile, capacity)
+    z, uv, cand, cvalid, count, (TY, TX), keep = _tile_candidates(inp, near, tile, capacity)
     NT, dtype, device = TY * TX, uv.dtype, uv.device
     flat = cand.reshape(-1)
     with torch.no_grad():
         u = uv[..., 0].detach().reshape(B * N).index_select(0, flat)
         v = uv[..., 1].detach().reshape(B * N).index_select(0, flat)
-        if isinstance(inp.radius, Tensor):
-            r2 = inp.radius.detach().reshape(B * N).index_select(0, flat).square()
-        else:
-            r2 = torch.full_like(v, inp.radius**2)
-        r2 = torch.where(cvalid.reshape(-1), r2, -1.0)  # an empty slot covers nothing (d^2 >= -1)
+        # r^2 as the fragment rasterizer squares it for its coverage test (a float radius: in the tensor dtype)
+        r = inp.radius.detach().reshape(B * N).index_select(0, flat) if isinstance(inp.radius, Tensor) else \
+            torch.full_like(v, inp.radius)
+        r2 = torch.where(cvalid.reshape(-1), r.square(), -1.0)  # an empty slot covers nothing
         u, v, r2 = (t.view(B * NT, 1, 1, capacity) for t in (u, v, r2))
         t_idx = torch.arange(NT, device=device)
         t_row = torch.div(t_idx, TX, rounding_mode="floor")
@@ -150,11 +154,14 @@ def _select(inp: _Inputs, near: float, tile: int, capacity: int, kpp: int):
         cx = ((t_idx - t_row * TX)[:, None] * tile + offs).to(dtype).repeat(B, 1) + 0.5  # (B * NT, T)
         cy = (t_row[:, None] * tile + offs).to(dtype).repeat(B, 1) + 0.5
         d2 = (u - cx[:, None, :, None]).square() + (v - cy[:, :, None, None]).square()  # (B * NT, T, T, L)
-        key = (d2 >= r2).to(dtype) * capacity + torch.arange(capacity, device=device).to(dtype)
+        # covering: d^2 < r^2 (False for NaN); TopK then takes the first K covering candidates, nearest first
+        key = (~(d2 < r2)).to(dtype) * capacity + torch.arange(capacity, device=device).to(dtype)
         k = min(kpp, capacity)
         kv, ki = torch.topk(key.view(B * NT, tile * tile, capacity), k, dim=-1, largest=False, sorted=True)
         kval = kv < capacity  # (B * NT, T^2, k) a covering candidate in this slot
-    return z, uv, cand, cvalid, count, (TY, TX), (cx, cy), d2 / r2, ki, kval
+    # d^2 / r^2 as the fragment rasterizer divides for alpha (a float radius: by the Python float r^2)
+    ratio = d2 / (r2 if isinstance(inp.radius, Tensor) else inp.radius**2)
+    return z, uv, cand, cvalid, count, (TY, TX), (cx, cy), ratio, ki, kval, keep
 
 
 def rasterize_points_tiled(
@@ -205,7 +212,7 @@ def _rasterize_tiled(inp: _Inputs, kpp: int, near: float, tile: int, capacity: i
     if N == 0:  # nothing to draw (a graph is never exported without points)
         empty = inp.features.new_zeros(B, 1, H, W)
         return RasterOutput(inp.background.view(1, C, 1, 1).expand(B, C, H, W).contiguous(), empty, empty.clone())
-    z, uv, cand, _, _, (TY, TX), (cx, cy), ratio, ki, kval = _select(inp, near, tile, capacity, kpp)
+    z, uv, cand, _, _, (TY, TX), (cx, cy), ratio, ki, kval, keep = _select(inp, near, tile, capacity, kpp)
     NT, TT, k = TY * TX, tile * tile, ki.shape[-1]
     # (B * NT * T^2 * k,) flat places in the (pixel, candidate) grid; the row offsets are counted from a
     # tensor the exporter cannot fold (a static arange would be written into the file: megabytes at 256²)
@@ -224,11 +231,10 @@ def _rasterize_tiled(inp: _Inputs, kpp: int, near: float, tile: int, capacity: i
         cx_k = cx[:, None, :].expand(B * NT, tile, tile).reshape(B * NT * TT, 1).expand(-1, k).reshape(-1)
         cy_k = cy[:, :, None].expand(B * NT, tile, tile).reshape(B * NT * TT, 1).expand(-1, k).reshape(-1)
         d2_k = (u_k - cx_k).square() + (v_k - cy_k).square()
-        if isinstance(inp.radius, Tensor):
-            r2_k = inp.radius.reshape(B * N).index_select(0, point).square()
+        if isinstance(inp.radius, Tensor):  # no 0/0 in the unused slots (nor in their gradient)
+            ratio_k = d2_k / torch.where(kept, inp.radius.reshape(B * N).index_select(0, point).square(), 1.0)
         else:
-            r2_k = torch.full_like(d2_k, inp.radius**2)
-        ratio_k = d2_k / torch.where(kept, r2_k, 1.0)  # no 0/0 in the unused slots (nor in their gradient)
+            ratio_k = d2_k / inp.radius**2
     else:
         ratio_k = ratio.reshape(-1).index_select(0, at)  # the same division, done for every candidate
     alpha = torch.where(kept, (1 - ratio_k).clamp(0, 1), 0.0).view(B * NT * TT, k)
@@ -243,7 +249,7 @@ def _rasterize_tiled(inp: _Inputs, kpp: int, near: float, tile: int, capacity: i
 
     # ---- 5: composite channels and depth by one batched product -------------------------------
     feat = inp.features if inp.features.dim() == 3 else inp.features.expand(B, N, C)
-    table = torch.cat([feat, z[..., None]], -1).reshape(B * N, C + 1)
+    table = torch.where(keep[..., None], torch.cat([feat, z[..., None]], -1), 0.0).reshape(B * N, C + 1)
     acc = torch.bmm(weight, table.index_select(0, cand.reshape(-1)).view(B * NT, capacity, C + 1))
     hp, wp = TY * tile, TX * tile  # the tile grid's padded size
     acc = acc.view(B, TY, TX, tile, tile * (C + 1)).transpose(2, 3).reshape(B, hp * wp, C + 1).transpose(1, 2)
@@ -284,10 +290,12 @@ def required_tile_capacity(
     inp = _check_inputs(points, features, world_mat, K, image_size, radius, points_per_pixel, 0.0, near, valid)
     tile_size = default_tile_size(inp.height, inp.width) if tile_size is None else tile_size
     _check_tiles(tile_size, 1)
-    _, _, _, _, count, *_ = _tile_candidates(inp, near, tile_size, 1)
+    count = _tile_candidates(inp, near, tile_size, 1)[4]
     most = int(count.max()) if count.numel() else 0
     if most == 0:
         return 1, 0
-    ki, kval = _select(inp, near, tile_size, most, points_per_pixel)[-2:]
+    _, _, _, _, _, _, (cx, cy), _, ki, kval, _ = _select(inp, near, tile_size, most, points_per_pixel)
+    inside = (cy[:, :, None] < inp.height) & (cx[:, None, :] < inp.width)  # not the padding of edge tiles
+    kval = kval & inside.reshape(kval.shape[0], -1, 1)
     deepest = int(torch.where(kval, ki, -1).max())
     return max(1, deepest + 1), most

@@ -175,3 +175,66 @@ def test_bad_tile_settings_raise_clear_errors(kwargs, message):
     points, features, world_mat, K, radius = _scene(1, 5, seed=0)
     with pytest.raises(ValueError, match=message):
         rasterize_points_tiled(points, features, world_mat, K, 8, radius, **kwargs)
+
+
+def test_a_float_radius_squares_as_the_fragment_rasterizer_does():
+    """float32, a Python float radius r whose square rounds differently as fl(r^2) and fl(fl(r)^2): a disk
+    edge falls in between at one pixel centre. Coverage must use fl(fl(r)^2), as rasterize_points does,
+    or a slot flips (with one point per pixel, the whole pixel)."""
+    r = 0.5045022511255628
+    a, b = torch.tensor(r, dtype=torch.float32).square(), torch.tensor(r * r, dtype=torch.float32)
+    assert a != b  # the two roundings differ for this radius
+    lo, hi = min(a, b), max(a, b)
+    centre = torch.tensor(8.5)
+    for t in torch.linspace(0.1, 1.4, 20000):  # a centre at distance in [lo, hi) from pixel (8, 8)'s centre
+        u, v = centre + r * torch.cos(t), centre + r * torch.sin(t)
+        if lo <= (u - centre).square() + (v - centre).square() < hi:
+            break
+    K, world_mat = torch.eye(3)[None], torch.eye(4)[:3][None]
+    points = torch.tensor([[u, v, 1.0], [17.0, 17.0, 2.0]])  # the edge case, and a far point centred on (8, 8)
+    colours = torch.tensor([[0.0], [1.0]])
+    ref = rasterize_points(points, colours, world_mat, K, 16, r, 1, 0.0)
+    out = rasterize_points_tiled(points, colours, world_mat, K, 16, r, 1, 0.0, tile_size=4, tile_capacity=8)
+    _assert_close(out, ref, atol=0)
+
+
+def test_points_that_cannot_show_never_reach_the_sums():
+    """NaN positions or features on valid=False points (and points behind the camera) leave every pixel
+    finite at any capacity, also where an empty candidate slot lands on such a point, and get no gradient."""
+    points, features, world_mat, K, radius = _scene(1, 100, seed=4)
+    points, features = points.clone(), features.clone()
+    valid = torch.ones(1, 100, dtype=torch.bool)
+    valid[0, :5] = False
+    points[0, :3] = float("nan")
+    features[0, :5] = float("nan")
+    points[0, 5:8, 2] = -1.0  # behind the camera
+    ref = rasterize_points(points, features, world_mat, K, (37, 45), radius, 10, 0.0, valid=valid)
+    for capacity in (80, 3000):
+        out = rasterize_points_tiled(points, features, world_mat, K, (37, 45), radius, 10, 0.0, valid=valid,
+                                     tile_size=8, tile_capacity=capacity)
+        _assert_close(out, ref, atol=1e-12)
+    points.requires_grad_()
+    out = rasterize_points_tiled(points, features.nan_to_num(), world_mat, K, (37, 45), radius, 10, 0.0, valid=valid,
+                                 tile_size=8, tile_capacity=3000)
+    (grad,) = torch.autograd.grad(out.image.sum(), points)
+    ref = rasterize_points(points, features.nan_to_num(), world_mat, K, (37, 45), radius, 10, 0.0, valid=valid)
+    (want,) = torch.autograd.grad(ref.image.sum(), points)
+    # the NaN points' own projection has a NaN derivative (0 * NaN), in both rasterizers; every other
+    # point's gradient is finite, zero for those that cannot show, and the fragment rasterizer's
+    assert (grad[0, 3:8] == 0).all() and grad[0, 8:].abs().sum() > 0
+    torch.testing.assert_close(grad[0, 3:], want[0, 3:], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("size, tile", [((19, 25), 4), ((2, 50), 8), ((37, 45), 8)])
+def test_required_capacity_is_the_minimum_where_tiles_overhang_the_image(size, tile):
+    """Edge tiles overhang the image: their padding pixels must not count, so one less than the required
+    capacity always changes something."""
+    points, features, world_mat, K, radius = _scene(2, 200, seed=9)
+    K[:, 0, 2], K[:, 1, 2] = size[1] / 2, size[0] / 2  # the blob in the middle of the image
+    ref = rasterize_points(points, features, world_mat, K, size, radius, 10)
+    need, _ = required_tile_capacity(points, world_mat, K, size, radius, 10, tile_size=tile)
+    exact = rasterize_points_tiled(points, features, world_mat, K, size, radius, 10, tile_size=tile, tile_capacity=need)
+    cut = rasterize_points_tiled(points, features, world_mat, K, size, radius, 10, tile_size=tile,
+                                 tile_capacity=need - 1)
+    _assert_close(exact, ref, atol=1e-12)
+    assert (cut.image - ref.image).abs().max() > 1e-9
