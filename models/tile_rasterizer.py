@@ -214,10 +214,8 @@ def _rasterize_tiled(inp: _Inputs, kpp: int, near: float, tile: int, capacity: i
         return RasterOutput(inp.background.view(1, C, 1, 1).expand(B, C, H, W).contiguous(), empty, empty.clone())
     z, uv, cand, _, _, (TY, TX), (cx, cy), ratio, ki, kval, keep = _select(inp, near, tile, capacity, kpp)
     NT, TT, k = TY * TX, tile * tile, ki.shape[-1]
-    # (B * NT * T^2 * k,) flat places in the (pixel, candidate) grid; the row offsets are counted from a
-    # tensor the exporter cannot fold (a static arange would be written into the file: megabytes at 256²)
-    rows = ki[..., :1].reshape(-1, 1) * 0 + 1
-    at = ((rows.cumsum(0) - 1) * capacity + ki.reshape(B * NT * TT, k)).reshape(-1)
+    rows = torch.arange(B * NT * TT, device=ki.device)[:, None] * capacity  # (a constant of the graph)
+    at = (rows + ki.reshape(B * NT * TT, k)).reshape(-1)  # (B * NT * T^2 * k,) into the (pixel, candidate) grid
 
     # ---- 4: alphas of the kept candidates, front-to-back weights -------------------------------
     kept = kval.reshape(-1)
@@ -238,13 +236,17 @@ def _rasterize_tiled(inp: _Inputs, kpp: int, near: float, tile: int, capacity: i
     else:
         ratio_k = ratio.reshape(-1).index_select(0, at)  # the same division, done for every candidate
     alpha = torch.where(kept, (1 - ratio_k).clamp(0, 1), 0.0).view(B * NT * TT, k)
-    one_minus = (1 - alpha).double()  # the product in float64, as the fragment rasterizer's cumprod
-    trans = [one_minus[:, 0]]  # T after slot 0; T before it is 1
+    # T after each slot, the product in float64 as the fragment rasterizer's cumprod; T before slot 0 is 1,
+    # so its weight is its alpha (no constant of ones in the graph)
+    one_minus = (1 - alpha).double().unbind(1)  # k columns (one Split in the graph)
+    trans = [one_minus[0]]
     for i in range(1, k):
-        trans.append(trans[-1] * one_minus[:, i])
-    before = torch.cat([one_minus[:, :1] * 0 + 1, torch.stack(trans[:-1], 1)], 1) if k > 1 else one_minus * 0 + 1
-    before = before.to(alpha.dtype)  # (pixels, k) T_i
-    weight = _zeros(alpha, B * NT * TT * capacity).scatter(0, at, (alpha * before).reshape(-1)).view(B * NT, TT, capacity)
+        trans.append(trans[-1] * one_minus[i])
+    if k > 1:
+        w = torch.cat([alpha[:, :1], alpha[:, 1:] * torch.stack(trans[:-1], 1).to(alpha.dtype)], 1)  # alpha_i T_i
+    else:
+        w = alpha
+    weight = _zeros(alpha, B * NT * TT * capacity).scatter(0, at, w.reshape(-1)).view(B * NT, TT, capacity)
     rest = trans[-1].to(alpha.dtype)  # (pixels,) T after the last slot
 
     # ---- 5: composite channels and depth by one batched product -------------------------------
