@@ -273,6 +273,7 @@ def test_export_plans_the_tile_rasterizer_on_the_runs_frames(gar_run, exported, 
     out = tmp_path / "fragments.onnx"
     main([str(gar_run), str(out), "--rasterizer", "fragments"])
     assert {p.key: p.value for p in onnx.load(str(out)).metadata_props} == {"rasterizer": "fragments"}
-    with pytest.raises(SystemExit, match=r"^error: margin must be >= 1"):
-        main([str(gar_run), str(tmp_path / "x.onnx"), "--margin", "0.5"])
+    for margin in ("0.5", "nan", "inf"):
+        with pytest.raises(SystemExit, match=rf"^error: margin must be a finite number >= 1 .*got {margin}$"):
+            main([str(gar_run), str(tmp_path / "x.onnx"), "--margin", margin])
     assert not (tmp_path / "x.onnx").exists()
