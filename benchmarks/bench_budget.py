@@ -18,7 +18,7 @@ tile rasterizer (default) planned as the export plans it, on every frame of the 
 on the timed frames), the fragment rasterizer's exportable form, or both side by side), on two clouds: the
 demo avatar (``--run-dir``, default ``runs/demo/gar/latest`` when ``make demo`` made it: a GAR run,
 its student, its teacher through the run's pinned upstreams, and ``--device-run-dir``'s generator,
-default the run's ``-device`` twin; the test frames' cameras, K scaled to S) and ``--points``
+default the run's ``-device`` twin where it exists; the test frames' cameras, K scaled to S) and ``--points``
 points on a sphere with models of the default sizes and random weights (speed does not depend on
 training). ms/frame: the median over ``--repeats`` passes of the mean over ``--frames`` frames,
 after a warm-up pass; ONNX Runtime's time split by stage (deform+rasterize, shading, generator) from
@@ -254,11 +254,21 @@ def format_budget(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive image sizes like 64,128,256, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default=None, help="a GAR run (the demo avatar); default: runs/demo/gar/latest")
     parser.add_argument("--device-run-dir", default=None, help="the device-size GAR run on the same student")
-    parser.add_argument("--sizes", default="64,128,256")
+    parser.add_argument("--sizes", default="64,128,256", type=_sizes, help="image sizes, comma-separated")
     parser.add_argument("--points", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--frames", type=int, default=4)
@@ -272,15 +282,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rasterizers = ("fragments", "tiles") if args.rasterizer == "both" else (args.rasterizer,)
     torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = args.sizes
     clouds = []
     run_dir, device_run_dir = args.run_dir, args.device_run_dir
     if run_dir is None and DEMO_RUN.is_dir():  # the demo avatar, when `make demo` made one
         run_dir = os.path.relpath(DEMO_RUN.resolve())  # the run's own folder, not the moving link
+    if run_dir is not None and device_run_dir is None:  # the run's device-size twin, where it has one
         device = Path(f"{run_dir}-device")
-        device_run_dir = device_run_dir or (str(device) if device.is_dir() else None)
+        device_run_dir = str(device) if device.is_dir() else None
     if run_dir is not None:
-        clouds.append(run_cloud(run_dir, device_run_dir, args.frames))
+        from lightning_modules.export import ExportError
+        from lightning_modules.run_folder import UpstreamMissingError
+
+        try:
+            clouds.append(run_cloud(run_dir, device_run_dir, args.frames))
+        except (ExportError, UpstreamMissingError) as err:
+            raise SystemExit(f"error: {err}") from None
     clouds.append(random_cloud(args.points, args.frames, device_pyramid=args.device_pyramid))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ evaluated row renders through), exported as it is with ``exportable=True`` and t
 Graph inputs (float32): ``expression`` (1, E), ``world_mat`` (1, 3, 4) world->camera (OpenCV) and
 ``K`` (1, 3, 3) pixel intrinsics, all exactly as the run's datamodule serves them, and ``z``
 (1, z_dim), the global code; ``z`` has a default, the mean training z the GAR module keeps
-(``z_mean``, the ``gar_meanz`` render), stored as an initializer of the same name, so a runtime
+(``z_mean``, the ``gar/tracked`` row's), stored as an initializer of the same name, so a runtime
 may leave it out. Output: ``rgb`` (1, 3, S, S) in (0, 1), S the run's image size.
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``, opset 18. The graph has
@@ -89,13 +89,16 @@ def run_checkpoint(run_dir: str | Path, name: str = "last.ckpt") -> Path:
     """``RUN_DIR/checkpoints/<name>`` of a GAR run (``last.ckpt``; ``best.ckpt``: the best on val).
 
     Raises:
-        ExportError: when the folder or its last.ckpt is missing.
+        ExportError: when the folder or the checkpoint is missing (naming the run's checkpoints, if any).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a folder: pass a GAR run folder such as runs/gar/latest")
     ckpt = run_dir / "checkpoints" / name
     if not ckpt.is_file():
+        others = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        if others:  # a run, another checkpoint name
+            raise ExportError(f"{run_dir} has no checkpoints/{name}; it has {', '.join(others)}")
         raise ExportError(
             f"{run_dir} has no checkpoints/{name}: pass a GAR run folder made by "
             "`lightning fit --config experiments/gar.yaml` (e.g. runs/gar/latest)"
@@ -251,7 +254,7 @@ def export_graph(graph: GARFrame, z_default: torch.Tensor, out: str | Path, opse
 
 
 def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, rasterizer: str = "tiles",
-               margin: float = TILE_MARGIN) -> Path:
+               margin: float = TILE_MARGIN, checkpoint: str = "last.ckpt") -> Path:
     """Export the per-frame path of the GAR run in ``run_dir`` to the ONNX file ``out``.
 
     Args:
@@ -260,6 +263,8 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, rasteri
         opset: ONNX opset (>= 17).
         rasterizer: ``"tiles"`` (planned on the run's frames, module docstring) or ``"fragments"``.
         margin: the tile capacity's margin over the required one (>= 1).
+        checkpoint: ``checkpoints/<checkpoint>`` of the run (``best.ckpt``: the one chosen on val, which the
+            player and the budget show).
 
     Returns:
         the path written.
@@ -274,7 +279,7 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, rasteri
         raise ExportError(f"rasterizer must be one of {RASTERIZERS}, got {rasterizer!r}")
     if not (math.isfinite(margin) and margin >= 1):
         raise ExportError(f"margin must be a finite number >= 1 (below 1 the capacity drops layers), got {margin}")
-    module = load_gar_module(run_dir)
+    module = load_gar_module(run_dir, checkpoint)
     frames = planning_frames(load_datamodule(run_dir)) if rasterizer == "tiles" else None
     graph = frame_graph(module, frames, margin)
     if frames is not None:
@@ -300,7 +305,7 @@ def ort_inputs(batch, index: int = 0, z: torch.Tensor | None = None) -> dict[str
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: ``python -m lightning_modules.export RUN_DIR OUT.onnx [--opset 18] [--rasterizer tiles|fragments]
-    [--margin 1.25]``.
+    [--margin 1.25] [--checkpoint last.ckpt]``.
 
     Errors (no checkpoint, not a GAR run, a missing or changed student checkpoint) exit with one line.
     """
@@ -315,9 +320,11 @@ def main(argv: list[str] | None = None) -> Path:
                         help="tiles (default: fast, planned on the run's frames) or fragments (exact everywhere)")
     parser.add_argument("--margin", type=float, default=TILE_MARGIN,
                         help=f"tile capacity = required on the run's frames x this (default {TILE_MARGIN})")
+    parser.add_argument("--checkpoint", default="last.ckpt",
+                        help="checkpoints/<NAME> of the run (default last.ckpt; best.ckpt: chosen on val)")
     args = parser.parse_args(argv)
     try:
-        path = export_run(args.run_dir, args.out, args.opset, args.rasterizer, args.margin)
+        path = export_run(args.run_dir, args.out, args.opset, args.rasterizer, args.margin, args.checkpoint)
     except (ExportError, UpstreamMissingError, UpstreamChangedError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}", file=sys.stderr)

@@ -253,9 +253,10 @@ def build_player(run_dir: str | Path = DEFAULT_RUN, out: str | Path = "player", 
     if driver is not None:
         drivers["reenact"] = {"label": f"reenactment: {Path(driver).stem}", **driving_codes(datamodule, driver,
                                                                                                max_frames)}
-    # the tile rasterizer planned on every frame of the run and every frame the page plays
+    # the tile rasterizer planned on every frame of the run and every frame the page plays (the "test"
+    # driver's are the run's test frames, already among them)
     graph = frame_graph(module, planning_frames(datamodule, *((d["expression"], d["world_mat"], d["K"])
-                                                                 for d in drivers.values())))
+                                                                 for name, d in drivers.items() if name != "test")))
     out.mkdir(parents=True, exist_ok=True)
     export_graph(graph, module.z_mean, out / ONNX_NAME)
     document = codes_document(graph.image_size, graph.expression_dim, drivers)

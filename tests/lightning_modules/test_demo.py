@@ -144,7 +144,7 @@ def test_demo_report_matches_the_runs(demo):
     assert f"params_ratio = {report['ratios']['params_ratio']:.4f}" in md
     assert "## Deployment" in md
     # progress was shown, stage by stage
-    assert sum(line.startswith("\n==> demo [") for line in lines) == 14
+    assert sum(line.startswith("\n==> demo [") for line in lines) == 15  # 12 fits and evaluations, render, budget, report
     # nothing written but runs/ (the tiny head is generated: no data/)
     assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
 
@@ -273,7 +273,7 @@ def test_demo_subprocesses_tiny(tmp_path):
     assert report["rows"]["student/tracked"]["test"]["full"]["psnr"] > 0 and report["ratios"]["flops_ratio"] > 0
     assert (tmp_path / "runs" / "demo" / report["comparison"]["path"]).is_file()
     assert (tmp_path / "runs" / "demo" / "losses.png").is_file()
-    assert "demo [14/14] report" in proc.stdout
+    assert "demo [15/15] report" in proc.stdout
 
 
 def test_durations_round_to_whole_seconds_without_60():

@@ -273,6 +273,11 @@ def test_export_plans_the_tile_rasterizer_on_the_runs_frames(gar_run, exported, 
     out = tmp_path / "fragments.onnx"
     main([str(gar_run), str(out), "--rasterizer", "fragments"])
     assert {p.key: p.value for p in onnx.load(str(out)).metadata_props} == {"rasterizer": "fragments"}
+    best = tmp_path / "best.onnx"  # --checkpoint: the one chosen on val, as the player shows
+    main([str(gar_run), str(best), "--checkpoint", "best.ckpt"])
+    assert best.is_file()
+    with pytest.raises(SystemExit, match=r"^error: .* has no checkpoints/nope.ckpt; it has best.ckpt, .*last.ckpt"):
+        main([str(gar_run), str(tmp_path / "x.onnx"), "--checkpoint", "nope.ckpt"])
     for margin in ("0.5", "nan", "inf"):
         with pytest.raises(SystemExit, match=rf"^error: margin must be a finite number >= 1 .*got {margin}$"):
             main([str(gar_run), str(tmp_path / "x.onnx"), "--margin", margin])

@@ -61,8 +61,8 @@ def test_build_player_writes_the_graph_the_test_codes_and_the_page(gar_run, play
     assert codes["image_size"] == SIZE and codes["expression_dim"] == EXPRESSION_DIM
     assert list(codes["drivers"]) == ["test"]  # no driver given
     assert codes["run"] == {"run_dir": gar_run.as_posix(), "checkpoint": "best.ckpt"}  # the selected one, on val
-    plan = codes["rasterizer"]  # planned on the run's frames (train, val, test) and the frames it plays (the test)
-    assert plan["name"] == "tiles" and plan["planned_frames"] == sum(load_datamodule(gar_run).split_sizes().values()) + 2
+    plan = codes["rasterizer"]  # planned on the run's frames (train, val, test: the test driver's among them)
+    assert plan["name"] == "tiles" and plan["planned_frames"] == sum(load_datamodule(gar_run).split_sizes().values())
     assert all(c >= r for c, r in zip(plan["tile_capacity"], plan["tile_required"]))
     expected = tracked_codes(load_datamodule(gar_run))
     test = codes["drivers"]["test"]
