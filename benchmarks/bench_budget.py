@@ -46,7 +46,7 @@ from benchmarks.bench_export import (
 )
 from datamodules.mesh_views import ring_cameras
 from lightning_modules.export import TILE_MARGIN, planning_frames
-from models.renderer import GARFrame, GARGenerator, PointFrame, plan_capacity
+from models.renderer import GARFrame, GARGenerator, PointFrame
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
@@ -122,9 +122,15 @@ def run_cloud(run_dir: str, device_run_dir: str | None, num_frames: int) -> dict
             "plan": planning_frames(datamodule)}
 
 
+def _resized(K: torch.Tensor, cloud: dict, size: int) -> torch.Tensor:
+    """The cloud's intrinsics for the same view at ``size`` pixels."""
+    K = K.clone()
+    K[:, :2] *= size / cloud["K_size"]
+    return K
+
+
 def _frames(cloud: dict, size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    K = cloud["K"].clone()
-    K[:, :2] *= size / cloud["K_size"]  # the same view at another resolution
+    K = _resized(cloud["K"], cloud, size)
     return [(cloud["expression"][i : i + 1], cloud["world_mat"][i : i + 1], K[i : i + 1])
             for i in range(len(cloud["expression"]))]
 
@@ -134,9 +140,7 @@ def _plan_frames(cloud: dict, size: int, frames: list) -> list[tuple[torch.Tenso
     if "plan" not in cloud:
         return frames
     expression, world_mat, K = cloud["plan"]
-    K = K.clone()
-    K[:, :2] *= size / cloud["K_size"]
-    return [(expression, world_mat, K)]
+    return [(expression, world_mat, _resized(K, cloud, size))]
 
 
 def exported_frame(make, frames: list, rasterizer: str, margin: float = TILE_MARGIN):
@@ -144,8 +148,7 @@ def exported_frame(make, frames: list, rasterizer: str, margin: float = TILE_MAR
     ``frames`` (the required capacity per scale times ``margin``, as the export plans on a run's frames)."""
     graph = make(exportable=True).eval()
     if rasterizer == "tiles":
-        stacked = [torch.cat([f[i] for f in frames]) for i in range(3)]
-        graph._set_tiles([plan_capacity(n, margin) for n in graph.required_capacity(*stacked)], graph.tile_size)
+        graph.plan_tiles(*(torch.cat([f[i] for f in frames]) for i in range(3)), margin=margin)
     return graph
 
 

@@ -52,7 +52,6 @@ import torch
 from datamodules.mesh_views import ring_cameras
 from lightning_modules.export import (
     OPSET,
-    TILE_MARGIN,
     export_graph,
     frame_graph,
     load_datamodule,
@@ -60,7 +59,7 @@ from lightning_modules.export import (
     planning_frames,
 )
 from models.rasterizer import rasterize_points
-from models.renderer import GARFrame, GARGenerator, PointFrame, plan_capacity
+from models.renderer import GARFrame, GARGenerator, PointFrame
 from models.student import Student
 from models.teacher import PointAvatarTeacher, fibonacci_sphere
 
@@ -110,8 +109,7 @@ def random_setup(num_points: int, image_size: int, num_frames: int, expression_d
         canonical = student.canonical()
     graph = GARFrame.from_canonical(canonical, student.radius, student.shading, generator, image_size,
                                     exportable=True).eval()
-    need = graph.required_capacity(expressions, world_mats, Ks)  # the tile plan, on the timed frames
-    graph._set_tiles([plan_capacity(n, TILE_MARGIN) for n in need], graph.tile_size)
+    graph.plan_tiles(expressions, world_mats, Ks)  # the tile plan, on the timed frames
     teacher = _teacher_frame(points, radius, expression_dim, image_size)
     return graph, torch.zeros(sizes["z_dim"]), teacher, frames
 

@@ -51,7 +51,7 @@ import torch
 from lightning_modules.gar import GARModule
 from lightning_modules.handoff import UpstreamChangedError, class_from_path
 from lightning_modules.run_folder import UpstreamMissingError
-from models.renderer import GARFrame, plan_capacity
+from models.renderer import TILE_MARGIN, GARFrame
 
 __all__ = [
     "ExportError",
@@ -74,8 +74,6 @@ INPUT_NAMES = ("expression", "world_mat", "K", "z")
 OUTPUT_NAME = "rgb"
 #: Rasterizers of the export (``--rasterizer``).
 RASTERIZERS = ("tiles", "fragments")
-#: Tile capacity planned = required on the planning frames x this (poses it has not seen).
-TILE_MARGIN = 1.25
 
 
 class ExportError(ValueError):
@@ -191,17 +189,14 @@ def frame_graph(module, frames: tuple[torch.Tensor, torch.Tensor, torch.Tensor] 
     Args:
         module: the GAR module.
         frames: (expression, world_mat, K) to plan the tile rasterizer on (:func:`planning_frames`); the
-            graph then rasterizes with tiles of capacity ``plan_capacity(required, margin)`` per scale
-            (``graph.tile_required`` keeps the required ones). None: the fragment rasterizer's exportable
+            graph then rasterizes with tiles (:meth:`models.renderer.GARFrame.plan_tiles`; ``graph.tile_required``
+            keeps the required capacities). None: the fragment rasterizer's exportable
             form, bit-equal to the stage's rasterizer in PyTorch.
         margin: the capacity's margin over the required one (>= 1).
     """
     graph = copy.deepcopy(module.frame(exportable=True)).eval()
-    graph.tile_required = None
     if frames is not None:
-        required = graph.required_capacity(*frames)
-        graph._set_tiles([plan_capacity(n, margin) for n in required], graph.tile_size)
-        graph.tile_required, graph.tile_planned_frames = required, int(frames[0].shape[0])
+        graph.plan_tiles(*frames, margin=margin)
     return graph
 
 
@@ -241,7 +236,7 @@ def export_graph(graph: GARFrame, z_default: torch.Tensor, out: str | Path, opse
     model.graph.initializer.append(
         numpy_helper.from_array(z_default.detach().reshape(1, -1).float().numpy(), name="z")
     )
-    if getattr(graph, "tile_required", None) is not None:  # how the tile rasterizer was planned
+    if graph.tile_required is not None:  # how the tile rasterizer was planned
         onnx.helper.set_model_props(model, {
             "rasterizer": "tiles", "tile_capacity": ",".join(map(str, graph.tile_capacity)),
             "tile_required": ",".join(map(str, graph.tile_required)),

@@ -63,7 +63,7 @@ from models.tile_rasterizer import rasterize_points_tiled, required_tile_capacit
 
 __all__ = [
     "GARFrame", "GARGenerator", "GeneratorInputs", "MappingNetwork", "ModulatedConv2d", "ema_update", "generator_inputs",
-    "pack_raster_inputs", "PointFrame", "plan_capacity",
+    "pack_raster_inputs", "PointFrame", "plan_capacity", "TILE_MARGIN",
 ]
 
 _LEAK = 0.2
@@ -161,8 +161,7 @@ def generator_inputs(
         raise ValueError(f"rasterize must be one rasterizer or one per scale ({num_scales}), got {len(rasterizers)}")
     inputs, normal_map, alpha, base = [], None, None, None
     for s in range(num_scales):
-        K_s = K.clone()
-        K_s[:, :2] = K_s[:, :2] / 2**s
+        K_s = _intrinsics_at_scale(K, s)
         r_px = pixel_radius(points, world_mat, K_s, radius)  # (B, N)
         channels = torch.cat([features, colors], -1) if s == 0 and colors is not None else features
         out = rasterizers[s](points, channels, world_mat, K_s, (h // 2**s, w // 2**s), r_px, points_per_pixel,
@@ -485,17 +484,30 @@ def ema_update(ema_module: nn.Module, module: nn.Module, decay: float) -> None:
         ema_bufs[name].copy_(b)
 
 
-def plan_capacity(required: int, margin: float = 1.25, multiple: int = 8) -> int:
+#: A planned tile capacity = the required one on the planning frames x this (poses not planned on).
+TILE_MARGIN = 1.25
+
+
+def plan_capacity(required: int, margin: float = TILE_MARGIN, multiple: int = 8) -> int:
     """A tile capacity for :func:`models.tile_rasterizer.rasterize_points_tiled`: ``required`` (the
     smallest exact one on the frames planned on, :func:`~models.tile_rasterizer.required_tile_capacity`)
     times ``margin`` for poses not planned on, rounded up to a multiple of ``multiple``.
 
     Raises:
-        ValueError: ``required < 1``, ``margin < 1`` or ``multiple < 1``.
+        ValueError: ``required < 1``, ``margin`` not a finite number >= 1, or ``multiple < 1``.
     """
-    if required < 1 or margin < 1 or multiple < 1:
-        raise ValueError(f"need required >= 1, margin >= 1 and multiple >= 1, got {required}, {margin}, {multiple}")
+    if required < 1 or not (math.isfinite(margin) and margin >= 1) or multiple < 1:
+        raise ValueError(f"need required >= 1, a finite margin >= 1 and multiple >= 1, got {required}, {margin}, "
+                         f"{multiple}")
     return -(-math.ceil(required * margin) // multiple) * multiple
+
+
+def _intrinsics_at_scale(K: Tensor, s: int) -> Tensor:
+    """K (B, 3, 3) for an image 2^s times smaller: the first two rows divided by 2^s (pixel edges scale
+    with the image, centres stay at +0.5)."""
+    K_s = K.clone()
+    K_s[:, :2] = K_s[:, :2] / 2**s
+    return K_s
 
 
 class _Rasterizes:
@@ -506,6 +518,9 @@ class _Rasterizes:
     tile_capacity: list[int] | None
     tile_size: int | None
     exportable: bool
+    #: set by :meth:`plan_tiles`: the exact capacity per scale on the frames planned on, and how many
+    tile_required: list[int] | None = None
+    tile_planned_frames: int | None = None
 
     def _set_tiles(self, tile_capacity: Sequence[int] | None, tile_size: int | None) -> None:
         if tile_capacity is not None:
@@ -544,13 +559,26 @@ class _Rasterizes:
             e, w, k = expression[i : i + chunk], world_mat[i : i + chunk, :3], K[i : i + chunk]
             points = deform_points(self.points, self.offset, self.blendshapes, e)
             for s in range(self.num_scales):
-                k_s = k.clone()
-                k_s[:, :2] = k_s[:, :2] / 2**s
+                k_s = _intrinsics_at_scale(k, s)
                 size = self.image_size // 2**s
                 r_px = pixel_radius(points, w, k_s, self.radius)
                 need[s] = max(need[s], required_tile_capacity(points, w, k_s, size, r_px, self.points_per_pixel,
                                                               tile_size=self.tile_size)[0])
         return need
+
+    def plan_tiles(self, expression: Tensor, world_mat: Tensor, K: Tensor, margin: float = TILE_MARGIN) -> list[int]:
+        """Rasterize with the tile rasterizer from now on, its capacity per scale planned on these frames:
+        :func:`plan_capacity` of :meth:`required_capacity` (kept in ``tile_required``, with the number of
+        frames in ``tile_planned_frames``). Arguments as :meth:`required_capacity`; returns the required
+        capacities.
+
+        Raises:
+            ValueError: a margin that is not a finite number >= 1.
+        """
+        required = self.required_capacity(expression, world_mat, K)
+        self._set_tiles([plan_capacity(n, margin) for n in required], self.tile_size)
+        self.tile_required, self.tile_planned_frames = required, int(expression.shape[0])
+        return required
 
 
 class GARFrame(_Rasterizes, nn.Module):

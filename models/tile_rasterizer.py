@@ -292,6 +292,8 @@ def required_tile_capacity(
     inp = _check_inputs(points, features, world_mat, K, image_size, radius, points_per_pixel, 0.0, near, valid)
     tile_size = default_tile_size(inp.height, inp.width) if tile_size is None else tile_size
     _check_tiles(tile_size, 1)
+    if inp.num_points == 0:
+        return 1, 0
     count = _tile_candidates(inp, near, tile_size, 1)[4]
     most = int(count.max()) if count.numel() else 0
     if most == 0:

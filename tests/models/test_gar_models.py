@@ -547,5 +547,11 @@ def test_gar_frame_rasterizes_once_for_a_pooled_generator_and_tiles_match_fragme
         for a, b in zip(ref.inputs, got.inputs):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert plan_capacity(44) == 56 and plan_capacity(64, 1.0) == 64 and plan_capacity(1) == 8
+    for margin in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="a finite margin >= 1"):
+            plan_capacity(44, margin)
+    frame = GARFrame(*args, g, 32)  # plan_tiles: the tile rasterizer at the planned capacity from now on
+    assert frame.plan_tiles(expression, world_mat, K) == need and frame.tile_planned_frames == 2
+    assert frame.tile_capacity == [plan_capacity(n) for n in need] and frame.tile_required == need
     with pytest.raises(ValueError, match="tile_capacity must be 1 positive ints"):
         GARFrame(*args, g, 32, tile_capacity=[8, 8, 8])

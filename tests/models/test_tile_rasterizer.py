@@ -167,6 +167,7 @@ def test_no_points_in_view_give_the_background():
     empty = rasterize_points_tiled(points[:, :0], features[:, :0], world_mat, K, (8, 8), radius[:, :0], 10, 0.5)
     assert (empty.image == 0.5).all() and (empty.alpha == 0).all()
     assert required_tile_capacity(points, world_mat, K, (8, 8), radius) == (1, 0)
+    assert required_tile_capacity(points[:, :0], world_mat, K, (8, 8), radius[:, :0]) == (1, 0)  # an empty cloud
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(tile_size=0), "tile_size"), (dict(tile_capacity=0), "tile_capacity"),
